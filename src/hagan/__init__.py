@@ -1,0 +1,3 @@
+"""hagan: memory-efficient GANs for high-resolution 3D medical image synthesis."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,273 @@
+"""The ``hagan`` command line. Errors the user can act on print as one line; ``--debug`` shows tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .config import PRESETS, build_config, parse_assignment
+from .errors import HaganError, VolumeError
+
+
+def cmd_phantoms(args: argparse.Namespace) -> None:
+    from .phantoms import write_phantom_dataset
+
+    csv_path = write_phantom_dataset(args.out, kind=args.kind, n=args.n, size=args.size, seed=args.seed, progress=True)
+    print(f"wrote {args.n} {args.kind} phantoms and their attributes to {csv_path}")
+
+
+def cmd_preprocess(args: argparse.Namespace) -> None:
+    from .preprocess import preprocess_folder
+
+    report = preprocess_folder(
+        args.src, args.dst, recipe=args.recipe, size=args.size, mode=args.mode, trim=not args.no_trim,
+        labels_csv=args.labels, label_column=args.label_column, progress=True,
+    )
+    print(report.summary())
+
+
+def training_overrides(args: argparse.Namespace) -> list[dict]:
+    overrides: list[dict] = [parse_assignment(item) for item in args.set or []]
+    flags = {
+        ("data", "cache"): args.data,
+        ("model", "size"): args.size,
+        ("model", "num_classes"): args.num_classes,
+        ("train", "iterations"): args.iterations,
+        ("optim", "batch_size"): args.batch_size,
+        ("train", "device"): args.device,
+        ("train", "seed"): args.seed,
+    }
+    for (section, key), value in flags.items():
+        if value is not None:
+            overrides.append({section: {key: value}})
+    return overrides
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import CONFIG_FILE, train
+
+    out = Path(args.out)
+    if args.resume:
+        if not (out / CONFIG_FILE).is_file():
+            raise HaganError(f"{out}: nothing to resume (no {CONFIG_FILE}); start a new run without --resume")
+        config = build_config(None, args.config or out / CONFIG_FILE, training_overrides(args))
+    else:
+        if args.data is None and args.config is None:
+            raise HaganError("pass --data CACHE (a folder written by `hagan preprocess`) or --config FILE")
+        config = build_config(args.preset, args.config, training_overrides(args))
+    run_dir = train(config, out, resume=args.resume)
+    print(f"run written to {run_dir} (samples/, curves.png, checkpoints/; tensorboard --logdir {run_dir / 'tensorboard'})")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .api import load_run
+    from .viz import three_plane_montage
+
+    run = load_run(args.run, args.checkpoint, args.device)
+    volumes = run.generate(args.n, seed=args.seed, labels=args.class_label, batch_size=args.batch_size, progress=True)
+    paths = run.save(volumes, args.out)
+    montage = three_plane_montage(list(volumes[:16]), Path(args.out) / "montage.png",
+                                  titles=[p.name for p in paths[:16]])
+    print(f"wrote {len(paths)} volumes to {args.out} (iteration {run.iteration}); montage: {montage}")
+
+
+def read_for_run(run, paths: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """Read and preprocess volumes with the run's recipe and size, as its training data were."""
+    from .io import list_volume_paths, read_volume
+    from .preprocess import preprocess_volume
+
+    files: list[Path] = []
+    for item in paths:
+        p = Path(item)
+        files.extend((list_volume_paths(p) if p.is_dir() else []) or [p])
+    names, arrays = [], []
+    for path in files:
+        try:
+            volume = preprocess_volume(read_volume(path), run.geometry.get("recipe", "mri"), run.size)
+        except VolumeError as err:
+            print(f"skipped {err}", file=sys.stderr)
+            continue
+        names.append(path.name)
+        arrays.append(volume.array)
+    if not arrays:
+        raise HaganError("no usable volume among the inputs")
+    return names, np.stack(arrays)
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    from .api import load_run
+    from .io import atomic_path
+
+    run = load_run(args.run, args.checkpoint, args.device)
+    names, volumes = read_for_run(run, args.volumes)
+    latents = run.encode(volumes)
+    out = Path(args.out)
+    tmp = atomic_path(out)
+    try:
+        if out.suffix == ".csv":
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["file"] + [f"z{i}" for i in range(latents.shape[1])])
+                writer.writerows([name, *map(float, row)] for name, row in zip(names, latents))
+        elif out.suffix == ".npy":
+            with open(tmp, "wb") as handle:
+                np.save(handle, latents)
+        else:
+            raise HaganError(f"{out}: --out must end in .npy or .csv")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"encoded {len(names)} volumes to {out} ({latents.shape[1]} values each)")
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> None:
+    from .api import load_run
+    from .viz import three_plane_montage
+
+    run = load_run(args.run, args.checkpoint, args.device)
+    names, volumes = read_for_run(run, args.volumes)
+    recon = run.reconstruct(volumes, labels=args.class_label)
+    run.save(recon, args.out, prefix="reconstruction")
+    l1 = np.abs(recon - volumes).mean(axis=(1, 2, 3))
+    pairs = [v for pair in zip(volumes[:8], recon[:8]) for v in pair]
+    titles = [t for name in names[:8] for t in (name, "reconstruction")]
+    three_plane_montage(pairs, Path(args.out) / "montage.png", titles=titles)
+    for name, err in zip(names, l1):
+        print(f"{name}: mean absolute error {err:.4f} (intensities in [-1, 1])")
+
+
+def cmd_summary(args: argparse.Namespace) -> None:
+    import torch
+
+    from .models import build_model
+    from .models.hagan import module_groups
+
+    overrides = [{"model": {"size": args.size}}] if args.size else []
+    config = build_config(args.preset, None, overrides)
+    with torch.device("meta"):
+        model = build_model(config)
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in module_groups(model).items()}
+    counts["total"] = sum(counts.values())
+    if args.json:
+        print(json.dumps(counts))
+        return
+    print(f"{config.model.name} at {config.model.size}^3 (preset {args.preset or 'none'})")
+    for key, value in counts.items():
+        print(f"  {key:6s} {value / 1e6:9.3f} M")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, kind=args.kind, n=args.n, iterations=args.iterations, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hagan", description="Memory-efficient GANs for 3D medical images.")
+    parser.add_argument("--version", action="version", version=f"hagan {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="phantoms -> preprocess -> train a small HA-GAN on CPU -> generate")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--kind", default="thorax-ct", choices=["thorax-ct", "brain-mri"])
+    p.add_argument("--n", type=int, default=48, help="number of phantoms")
+    p.add_argument("--iterations", type=int, default=None, help="training iterations (default: the demo preset's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("phantoms", help="write procedural phantoms with ground-truth attributes")
+    p.add_argument("out")
+    p.add_argument("--kind", default="thorax-ct", choices=["thorax-ct", "brain-mri"])
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_phantoms)
+
+    p = sub.add_parser("preprocess", help="read a folder of volumes into a training cache")
+    p.add_argument("src", help="folder of NIfTI/NRRD/MHA/DICOM/npy volumes")
+    p.add_argument("dst", help="cache folder to write")
+    p.add_argument("--recipe", required=True, choices=["ct", "mri"])
+    p.add_argument("--size", type=int, required=True, help="training cube edge (power of two)")
+    p.add_argument("--mode", default="resize_keep_aspect", choices=["resize_keep_aspect", "resize", "pad"])
+    p.add_argument("--no-trim", action="store_true", help="keep blank axial slices at the ends")
+    p.add_argument("--labels", help="CSV with a file column and a class-label column")
+    p.add_argument("--label-column", help="column of --labels holding integer classes")
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("train", help="train a model on a preprocessed cache")
+    p.add_argument("--data", help="cache folder from `hagan preprocess`")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, samples, logs)")
+    p.add_argument("--config", help="YAML config; flags override it")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--preset", choices=sorted(PRESETS), help="named configuration")
+    group.add_argument("--size", type=int, help="output cube edge, 32..512")
+    p.add_argument("--iterations", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-classes", type=int, help="class-conditional training with the cache's labels")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config value")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    def run_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("run", help="training run folder")
+        p.add_argument("--checkpoint", help="a checkpoint folder (default: the latest)")
+        p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("generate", help="generate full-resolution volumes")
+    run_args(p)
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class", dest="class_label", type=int, help="class to generate (conditional models)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("encode", help="encode volumes to latent codes")
+    run_args(p)
+    p.add_argument("volumes", nargs="+", help="volume files or folders")
+    p.add_argument("--out", required=True, help="latents.npy or latents.csv")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("reconstruct", help="encode volumes and generate them back")
+    run_args(p)
+    p.add_argument("volumes", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--class", dest="class_label", type=int)
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("summary", help="parameter count of each module")
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--size", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_summary)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (HaganError, ValueError) as err:
+        if args.debug:
+            raise
+        print(f"hagan {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hagan {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

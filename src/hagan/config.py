@@ -1,0 +1,211 @@
+"""Run configuration: one YAML file per run, presets for the paper's settings, validated before any work."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import HaganError
+from .io import atomic_path
+
+
+@dataclass
+class ModelConfig:
+    name: str = "hagan"
+    size: int = 256
+    latent_dim: int = 1024
+    width: float = 1.0
+    num_classes: int = 0
+    low_res_branch: bool = True
+    encoder: bool = True
+    r_sampling: str = "random"
+
+
+@dataclass
+class LossConfig:
+    kind: str = "bce"
+    lambda_recon_slab: float = 5.0
+    lambda_recon_global: float = 5.0
+    lambda_class: float = 0.1
+    r1_gamma: float = 0.0
+    gp_lambda: float = 10.0
+    diffaug: str = ""
+    diffaug_p: float = 1.0
+    ada_target: float = 0.0
+    ada_kimg: float = 100.0
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = 4
+    lr_g: float = 1e-4
+    lr_d: float = 4e-4
+    lr_e: float = 1e-4
+    beta1: float = 0.0
+    beta2: float = 0.999
+
+
+@dataclass
+class DataConfig:
+    cache: str = ""
+    augment: bool = False
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 80000
+    log_every: int = 20
+    sample_every: int = 500
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "Config":
+        """Build a config, refusing unknown sections and keys and values of the wrong type."""
+        config = cls()
+        merge_into(config, values, source)
+        validate(config, source)
+        return config
+
+
+SMALL_DATA = {
+    "loss": {"r1_gamma": 1.0, "diffaug": "translation,cutout,brightness,contrast", "ada_target": 0.6},
+    "data": {"augment": True},
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper-256": {"model": {"size": 256}},
+    "paper-128": {"model": {"size": 128}},
+    "small-data-128": {"model": {"size": 128}, **SMALL_DATA},
+    "demo": {
+        "model": {"size": 32, "latent_dim": 128, "width": 0.25},
+        **SMALL_DATA,
+        "loss": {**SMALL_DATA["loss"], "ada_kimg": 2.0},
+        "train": {"iterations": 600, "log_every": 10, "sample_every": 200, "checkpoint_every": 200},
+    },
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise HaganError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def merge_into(config: Config, values: dict[str, Any], source: str) -> None:
+    if not isinstance(values, dict):
+        raise HaganError(f"{source}: expected a mapping of sections, got {type(values).__name__}")
+    for section_name, section_values in values.items():
+        section = getattr(config, section_name, None)
+        if section is None or not dataclasses.is_dataclass(section):
+            names = ", ".join(f.name for f in dataclasses.fields(config))
+            raise HaganError(f"{source}: unknown section {section_name!r} (sections: {names})")
+        if not isinstance(section_values, dict):
+            raise HaganError(f"{source}: section {section_name!r} must be a mapping")
+        for key, value in section_values.items():
+            set_value(section, section_name, key, value, source)
+
+
+def set_value(section: Any, section_name: str, key: str, value: Any, source: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if key not in fields:
+        raise HaganError(f"{source}: unknown key {section_name}.{key} (keys: {', '.join(fields)})")
+    expected = type(getattr(section, key))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise HaganError(
+            f"{source}: {section_name}.{key} must be {expected.__name__}, got {value!r} ({type(value).__name__})"
+        )
+    setattr(section, key, value)
+
+
+def parse_assignment(text: str) -> dict[str, Any]:
+    """``section.key=value`` from the command line, the value parsed as YAML (so 1e-4, true, 128 work)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise HaganError(f"--set {text!r}: expected section.key=value, e.g. loss.r1_gamma=1.0")
+    path, raw = text.split("=", 1)
+    section, key = path.split(".", 1)
+    return {section: {key: yaml.safe_load(raw)}}
+
+
+def validate(config: Config, source: str = "config") -> None:
+    m, loss, o, t = config.model, config.loss, config.optim, config.train
+    problems = []
+    if m.size not in (32, 64, 128, 256, 512):
+        problems.append(f"model.size must be a power of two from 32 to 512, got {m.size}")
+    if m.r_sampling not in ("random", "deterministic"):
+        problems.append(f"model.r_sampling must be 'random' or 'deterministic', got {m.r_sampling!r}")
+    if loss.kind not in ("bce", "wgan-gp"):
+        problems.append(f"loss.kind must be 'bce' or 'wgan-gp', got {loss.kind!r}")
+    for name, value in (("model.latent_dim", m.latent_dim), ("optim.batch_size", o.batch_size),
+                        ("train.iterations", t.iterations), ("train.log_every", t.log_every),
+                        ("train.sample_every", t.sample_every), ("train.checkpoint_every", t.checkpoint_every),
+                        ("train.keep_checkpoints", t.keep_checkpoints)):
+        if value < 1:
+            problems.append(f"{name} must be at least 1, got {value}")
+    if m.width <= 0 or m.num_classes < 0:
+        problems.append("model.width must be positive and model.num_classes not negative")
+    if not 0 <= loss.diffaug_p <= 1 or not 0 <= loss.ada_target < 1:
+        problems.append("loss.diffaug_p must lie in [0, 1] and loss.ada_target in [0, 1)")
+    if problems:
+        raise HaganError(f"{source}: " + "; ".join(problems))
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise HaganError(f"{path}: cannot read config ({err.strerror})") from err
+    except yaml.YAMLError as err:
+        raise HaganError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    return values
+
+
+def save_yaml(config: Config, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    tmp = atomic_path(path)
+    try:
+        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def build_config(
+    preset_name: str | None = None,
+    yaml_path: str | os.PathLike | None = None,
+    overrides: list[dict[str, Any]] | None = None,
+) -> Config:
+    """Defaults, then the preset, then the YAML file, then command-line overrides: later wins."""
+    config = Config()
+    if preset_name:
+        merge_into(config, preset(preset_name), f"preset {preset_name}")
+    if yaml_path:
+        merge_into(config, load_yaml(yaml_path), str(yaml_path))
+    for override in overrides or []:
+        merge_into(config, override, "command line")
+    validate(config)
+    return config

@@ -1,0 +1,198 @@
+"""The seven HA-GAN networks (Sun et al., IEEE JBHI 2022, supplementary Tables I-VII), for any
+power-of-two output cube from 32 to 512.
+
+Layouts follow the paper's tables, whose 128^3 and 256^3 cases coincide with the authors' code:
+the common generator G^A ends at 1/4 of the output size, the sub-volume is a slab of 1/8 of the depth
+at full in-plane size, and every module is built from plain Conv3d so it runs on CPU and GPU alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+GROUPS = 8
+LEAK = 0.2
+SUPPORTED_SIZES = tuple(2**k for k in range(5, 10))
+
+
+def check_size(size: int) -> None:
+    if size not in SUPPORTED_SIZES:
+        raise ValueError(f"output size must be a power of two from 32 to 512, got {size}")
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channel count scaled by ``width``, kept a multiple of the GroupNorm groups."""
+    return max(GROUPS, int(round(channels * width / GROUPS)) * GROUPS)
+
+
+def conv_gn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, padding: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(cin, cout, kernel, stride, padding), nn.GroupNorm(GROUPS, cout), nn.ReLU(inplace=True)
+    )
+
+
+def sn_conv_lrelu(cin: int, cout: int, kernel, stride, padding) -> nn.Sequential:
+    return nn.Sequential(spectral_norm(nn.Conv3d(cin, cout, kernel, stride, padding)), nn.LeakyReLU(LEAK, inplace=True))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, as the paper's 'Interpolation' rows and the authors' code."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+class CommonGenerator(nn.Module):
+    """G^A: latent (and one-hot class) to the 64-channel feature volume A at 1/4 of the output size."""
+
+    def __init__(self, size: int, latent_dim: int = 1024, num_classes: int = 0, width: float = 1.0):
+        super().__init__()
+        check_size(size)
+        self.latent_dim, self.num_classes = latent_dim, num_classes
+        feature_size = size // 4
+        upsamplings = int(math.log2(feature_size // 4))
+        channels = [512, 512, 256, 128] + [64] * max(1, upsamplings - 3)
+        channels = [scaled(c, width) for c in channels]
+        self.base_channels = channels[0]
+        self.fc = nn.Linear(latent_dim + num_classes, channels[0] * 4**3)
+        layers: list[nn.Module] = []
+        for i, cout in enumerate(channels):
+            layers.append(conv_gn_relu(channels[max(i - 1, 0)], cout))
+            if i < upsamplings:
+                layers.append(Upsample())
+        self.body = nn.Sequential(*layers)
+        self.out_channels = channels[-1]
+
+    def forward(self, z: Tensor, onehot: Tensor | None = None) -> Tensor:
+        if self.num_classes:
+            if onehot is None:
+                raise ValueError("this generator is class-conditional: pass a class label")
+            z = torch.cat([z, onehot.to(z.dtype)], dim=1)
+        h = self.fc(z).view(z.shape[0], self.base_channels, 4, 4, 4)
+        return self.body(h)
+
+
+class LowResGenerator(nn.Module):
+    """G^L: A to the whole low-resolution image, no upsampling."""
+
+    def __init__(self, in_channels: int, width: float = 1.0):
+        super().__init__()
+        c1, c2 = scaled(32, width), scaled(16, width)
+        self.body = nn.Sequential(
+            conv_gn_relu(in_channels, c1), conv_gn_relu(c1, c2), nn.Conv3d(c2, 1, 3, 1, 1), nn.Tanh()
+        )
+
+    def forward(self, a: Tensor) -> Tensor:
+        return self.body(a)
+
+
+class HighResGenerator(nn.Module):
+    """G^H: lifts any depth range of A (a slab in training, all of it at inference) by 4x."""
+
+    def __init__(self, in_channels: int, width: float = 1.0):
+        super().__init__()
+        c = scaled(32, width)
+        self.body = nn.Sequential(
+            Upsample(), conv_gn_relu(in_channels, c), Upsample(), nn.Conv3d(c, 1, 3, 1, 1), nn.Tanh()
+        )
+
+    def forward(self, a: Tensor) -> Tensor:
+        return self.body(a)
+
+
+class HighResDiscriminator(nn.Module):
+    """D^H: judges a slab (S/8 x S x S) given its normalised start position r, appended after the trunk."""
+
+    def __init__(self, size: int, num_classes: int = 0, width: float = 1.0):
+        super().__init__()
+        check_size(size)
+        inplane_halvings = int(math.log2(size // 4))
+        cube_convs = inplane_halvings - 3
+        cube_channels = [scaled(64 // 2 ** (cube_convs - 1 - i), width) for i in range(cube_convs)]
+        c128, c256, c512 = scaled(128, width), scaled(256, width), scaled(512, width)
+        layers: list[nn.Module] = []
+        cin = 1
+        for cout in cube_channels:
+            layers.append(sn_conv_lrelu(cin, cout, 4, 2, 1))
+            cin = cout
+        layers += [
+            sn_conv_lrelu(cin, c128, (2, 4, 4), (2, 2, 2), (0, 1, 1)),
+            sn_conv_lrelu(c128, c256, (2, 4, 4), (2, 2, 2), (0, 1, 1)),
+            sn_conv_lrelu(c256, c512, (1, 4, 4), (1, 2, 2), (0, 1, 1)),
+            sn_conv_lrelu(c512, c128, (1, 4, 4), 1, 0),
+        ]
+        self.trunk = nn.Sequential(*layers)
+        h1, h2 = scaled(64, width), scaled(32, width)
+        self.head = nn.Sequential(
+            spectral_norm(nn.Linear(c128 + 1, h1)),
+            nn.LeakyReLU(LEAK, inplace=True),
+            spectral_norm(nn.Linear(h1, h2)),
+            nn.LeakyReLU(LEAK, inplace=True),
+        )
+        self.adv = spectral_norm(nn.Linear(h2, 1))
+        self.cls = spectral_norm(nn.Linear(h2, num_classes)) if num_classes else None
+
+    def forward(self, slab: Tensor, r_normalised: Tensor) -> tuple[Tensor, Tensor | None]:
+        h = self.trunk(slab).flatten(1)
+        h = self.head(torch.cat([h, r_normalised.view(-1, 1).to(h.dtype).expand(h.shape[0], 1)], dim=1))
+        return self.adv(h), (self.cls(h) if self.cls is not None else None)
+
+
+class LowResDiscriminator(nn.Module):
+    """D^L: judges the whole low-resolution image (S/4 cube)."""
+
+    def __init__(self, size: int, num_classes: int = 0, width: float = 1.0):
+        super().__init__()
+        check_size(size)
+        convs = int(math.log2(size // 16))
+        channels = [scaled(256 // 2 ** (convs - 1 - i), width) for i in range(convs)]
+        layers: list[nn.Module] = []
+        cin = 1
+        for cout in channels:
+            layers.append(sn_conv_lrelu(cin, cout, 4, 2, 1))
+            cin = cout
+        self.trunk = nn.Sequential(*layers)
+        self.num_classes = num_classes
+        self.out = spectral_norm(nn.Conv3d(cin, 1 + num_classes, 4, 1, 0))
+
+    def forward(self, low: Tensor) -> tuple[Tensor, Tensor | None]:
+        h = self.out(self.trunk(low)).flatten(1)
+        return h[:, :1], (h[:, 1:] if self.num_classes else None)
+
+
+class SlabEncoder(nn.Module):
+    """E^H: a real slab to the slab of A that G^H would lift back to it."""
+
+    def __init__(self, out_channels: int, width: float = 1.0):
+        super().__init__()
+        c = scaled(32, width)
+        self.body = nn.Sequential(
+            conv_gn_relu(1, c, 4, 2, 1), conv_gn_relu(c, c, 3, 1, 1), conv_gn_relu(c, out_channels, 4, 2, 1)
+        )
+
+    def forward(self, slab: Tensor) -> Tensor:
+        return self.body(slab)
+
+
+class GlobalEncoder(nn.Module):
+    """E^G: the concatenated slab features of a whole volume to the latent code."""
+
+    def __init__(self, size: int, in_channels: int, latent_dim: int = 1024, width: float = 1.0):
+        super().__init__()
+        check_size(size)
+        convs = int(math.log2(size // 16))
+        channels = [scaled(256 // 2 ** (convs - 1 - i), width) for i in range(convs)]
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for cout in channels:
+            layers.append(conv_gn_relu(cin, cout, 4, 2, 1))
+            cin = cout
+        self.body = nn.Sequential(*layers, nn.Conv3d(cin, latent_dim, 4, 1, 0))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.body(features).flatten(1)
