@@ -91,7 +91,9 @@ def read_for_run(run, paths: Sequence[str]) -> tuple[list[str], np.ndarray]:
     names, arrays = [], []
     for path in files:
         try:
-            volume = preprocess_volume(read_volume(path), run.geometry.get("recipe", "mri"), run.size)
+            volume = preprocess_volume(
+                read_volume(path), run.geometry["recipe"], run.size, run.geometry["mode"], source=str(path)
+            )
         except VolumeError as err:
             print(f"skipped {err}", file=sys.stderr)
             continue

@@ -137,6 +137,7 @@ class Trainer:
         return {
             "reference_affine": manifest["reference_affine"],
             "recipe": manifest["recipe"],
+            "mode": manifest["mode"],
             "size": manifest["size"],
             "num_classes": self.config.model.num_classes,
         }

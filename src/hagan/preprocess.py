@@ -1,0 +1,440 @@
+"""Turning raw scans into the model's cubes: canonical orientation, intensity recipe, trimming, resizing.
+
+Cache/model axis convention: axis 0 runs inferior->superior (axial slices stacked along axis 0),
+axis 1 posterior->anterior, axis 2 left->right, i.e. nibabel axis codes ('S', 'A', 'R'). The GAN's
+sub-volumes are slabs along axis 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel.orientations as nio
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from hagan import __version__
+from hagan.errors import HaganError, NoUsableVolumesError, VolumeError
+from hagan.io import Volume, atomic_path, list_volume_paths, read_volume, volume_stem
+
+CANONICAL_AXCODES = ("S", "A", "R")
+BACKGROUND = -1.0
+CACHE_FORMAT = "hagan-cache/1"
+FIT_MODES = ("resize_keep_aspect", "resize", "pad")
+CT_WINDOW_HU = (-1024.0, 600.0)
+MRI_PERCENTILE = 99.9
+
+_BLANK_TOLERANCE = 1e-6
+
+
+def canonicalise(volume: Volume) -> Volume:
+    """Reorient to the model's ('S','A','R') axes so every cube has the same anatomy layout."""
+    current = nio.io_orientation(volume.affine)
+    transform = nio.ornt_transform(current, nio.axcodes2ornt(CANONICAL_AXCODES))
+    array = nio.apply_orientation(volume.array, transform)
+    affine = volume.affine @ nio.inv_ornt_aff(transform, volume.array.shape)
+    return Volume(np.ascontiguousarray(array), affine)
+
+
+def ct_recipe(array: np.ndarray) -> np.ndarray:
+    """HU window [-1024, 600] to [-1, 1]; missing (non-finite) voxels count as air."""
+    array = np.where(np.isfinite(array), array, CT_WINDOW_HU[0])
+    return np.interp(array, CT_WINDOW_HU, (-1.0, 1.0)).astype(np.float32)
+
+
+def mri_recipe(array: np.ndarray) -> np.ndarray:
+    """[min, p99.9] to [-1, 1]: MRI has no absolute scale, and a few hot voxels must not squash the rest."""
+    array = np.where(np.isfinite(array), array, 0.0).astype(np.float32)
+    low = float(array.min())
+    high = float(np.percentile(array, MRI_PERCENTILE))
+    if high <= low:
+        high = float(array.max())
+    if high <= low:
+        return np.full(array.shape, BACKGROUND, dtype=np.float32)
+    return np.interp(array, (low, high), (-1.0, 1.0)).astype(np.float32)
+
+
+RECIPES: dict[str, Callable[[np.ndarray], np.ndarray]] = {"ct": ct_recipe, "mri": mri_recipe}
+
+
+def apply_recipe(array: np.ndarray, name: str) -> np.ndarray:
+    """Apply the intensity recipe called ``name`` (see RECIPES); the result is float32 in [-1, 1]."""
+    if name not in RECIPES:
+        raise HaganError(f"unknown recipe {name!r}; valid recipes: {', '.join(sorted(RECIPES))}")
+    return RECIPES[name](array)
+
+
+def _shift_affine(affine: np.ndarray, offset: Iterable[float]) -> np.ndarray:
+    """Affine of a grid whose voxel 0 sits at voxel ``offset`` of the old grid."""
+    shift = np.eye(4)
+    shift[:3, 3] = list(offset)
+    return affine @ shift
+
+
+def nonblank_slices(array: np.ndarray, background: float = BACKGROUND) -> np.ndarray:
+    """Boolean per axial plane (axis 0): True where some voxel is above background."""
+    return ~np.all(array <= background + _BLANK_TOLERANCE, axis=(1, 2))
+
+
+def trim_blank_slices(
+    array: np.ndarray, affine: np.ndarray, background: float = BACKGROUND
+) -> tuple[np.ndarray, np.ndarray]:
+    """Drop all-background axial planes at both ends (never inside) so the cube holds anatomy, not air.
+
+    An entirely blank array comes back with zero planes; callers check for that first.
+    """
+    kept = np.flatnonzero(nonblank_slices(array, background))
+    if kept.size == 0:
+        return array[:0], affine.copy()
+    first, last = int(kept[0]), int(kept[-1])
+    return array[first : last + 1], _shift_affine(affine, (first, 0, 0))
+
+
+def _zoom_to_shape(
+    array: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Linear resampling that keeps the volume's outer edges in place (voxel-centre convention)."""
+    scale = np.array(array.shape, dtype=np.float64) / np.array(shape, dtype=np.float64)
+    zoomed = ndimage.zoom(array, 1.0 / scale, output=np.float32, order=1, mode="nearest", grid_mode=True)
+    # Output voxel o samples input index (o + 0.5) * scale - 0.5.
+    resample = np.eye(4)
+    resample[:3, :3] = np.diag(scale)
+    resample[:3, 3] = (scale - 1.0) / 2.0
+    return zoomed, affine @ resample
+
+
+def _pad_or_crop(
+    array: np.ndarray, affine: np.ndarray, size: int, background: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Centre each axis in a ``size`` window, padding with background or cropping symmetrically."""
+    pads, crops = [], []
+    for n in array.shape:
+        pad_before = max(size - n, 0) // 2
+        crop_before = max(n - size, 0) // 2
+        pads.append((pad_before, max(size - n, 0) - pad_before))
+        crops.append(slice(crop_before, crop_before + min(n, size)))
+    cube = np.pad(array[tuple(crops)], pads, mode="constant", constant_values=background)
+    offset = [c.start - p[0] for c, p in zip(crops, pads)]
+    return cube, _shift_affine(affine, offset)
+
+
+def fit_to_cube(
+    array: np.ndarray,
+    affine: np.ndarray,
+    size: int,
+    mode: str = "resize_keep_aspect",
+    background: float = BACKGROUND,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bring a volume to ``size``^3 and keep the affine right, so generated cubes can be placed in the world.
+
+    ``resize`` stretches each axis to ``size`` (the paper's anisotropic resize); ``pad`` centre-pads
+    with background or centre-crops; ``resize_keep_aspect`` resamples to isotropic *physical* spacing
+    so that the largest physical extent fills ``size``, then pads, keeping anatomy proportions.
+    """
+    if mode not in FIT_MODES:
+        raise HaganError(f"unknown mode {mode!r}; valid modes: {', '.join(FIT_MODES)}")
+    if mode == "resize":
+        return _zoom_to_shape(array, affine, (size, size, size))
+    if mode == "resize_keep_aspect":
+        spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        extent = np.array(array.shape) * spacing
+        target_spacing = extent.max() / size
+        shape = tuple(int(n) for n in np.clip(np.round(extent / target_spacing), 1, size))
+        array, affine = _zoom_to_shape(array, affine, shape)
+    return _pad_or_crop(array, affine, size, background)
+
+
+def _check_raw(source: str, array: np.ndarray) -> None:
+    finite = np.isfinite(array)
+    if not finite.any():
+        raise VolumeError(source, "no finite voxel values (all NaN or infinite)")
+    values = array[finite]
+    if values.min() == values.max():
+        raise VolumeError(source, "constant intensity; nothing to learn")
+
+
+def _preprocess(
+    volume: Volume, recipe: str, size: int, mode: str, trim: bool, min_size: int | None, source: str
+) -> tuple[Volume, int]:
+    """The pipeline, also returning how many blank end slices were trimmed (for the report)."""
+    if mode not in FIT_MODES:
+        raise HaganError(f"unknown mode {mode!r}; valid modes: {', '.join(FIT_MODES)}")
+    _check_raw(source, volume.array)
+    canonical = canonicalise(volume)
+    array = apply_recipe(canonical.array, recipe)
+    if array.min() == array.max():
+        raise VolumeError(source, f"constant after the {recipe} recipe (all intensities outside its range)")
+    kept = int(nonblank_slices(array).sum())
+    if kept < 2:
+        raise VolumeError(source, f"{kept} non-blank axial slice(s); need at least 2")
+    affine = canonical.affine
+    trimmed = 0
+    if trim:
+        before = array.shape[0]
+        array, affine = trim_blank_slices(array, affine)
+        trimmed = before - array.shape[0]
+    if mode == "pad":
+        smallest = size // 2 if min_size is None else min_size
+        if min(array.shape) < smallest:
+            shape = "x".join(str(n) for n in array.shape)
+            minimum = f"{smallest}x{smallest}x{smallest}"
+            raise VolumeError(source, f"shape {shape} is smaller than the {minimum} minimum for pad mode")
+    cube, cube_affine = fit_to_cube(array, affine, size, mode)
+    cube = np.clip(cube, -1.0, 1.0).astype(np.float32)
+    return Volume(cube, cube_affine), trimmed
+
+
+def preprocess_volume(
+    volume: Volume,
+    recipe: str,
+    size: int,
+    mode: str = "resize_keep_aspect",
+    trim: bool = True,
+    *,
+    min_size: int | None = None,
+    source: str = "<volume>",
+) -> Volume:
+    """canonicalise -> recipe -> trim -> fit: a float32 cube in [-1, 1] with its world affine.
+
+    ``min_size`` (pad mode only; default ``size // 2``) rejects volumes that would be mostly
+    padding; ``source`` names the volume in VolumeErrors.
+    """
+    return _preprocess(volume, recipe, size, mode, trim, min_size, source)[0]
+
+
+@dataclass
+class CacheEntryReport:
+    """One volume that made it into the cache."""
+
+    name: str
+    source: str
+    original_shape: tuple[int, ...]
+    original_spacing: tuple[float, ...]
+    trimmed_slices: int
+    label: int
+
+
+@dataclass
+class PreprocessReport:
+    """What preprocess_folder did, for the CLI to print and for scripts to inspect."""
+
+    cache_dir: Path
+    entries: list[CacheEntryReport] = field(default_factory=list)
+    bad: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """Multi-line text ending with one 'path: reason' line per unusable file."""
+        total = len(self.entries) + len(self.bad)
+        lines = [
+            f"cache: {self.cache_dir}",
+            f"{len(self.entries)} of {total} volumes preprocessed in {self.seconds:.1f} s",
+        ]
+        trimmed = sum(e.trimmed_slices for e in self.entries)
+        if trimmed:
+            lines.append(f"{trimmed} blank end slices trimmed in total")
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        if self.bad:
+            lines.append(f"{len(self.bad)} unusable files skipped:")
+            lines.extend(f"{path}: {reason}" for path, reason in self.bad)
+        return "\n".join(lines)
+
+
+def _label_keys(name: str) -> list[str]:
+    """Keys a file or CSV id is matched by: normalised name, and the IXI subject number if any."""
+    stem = volume_stem(name.strip())
+    key = re.sub(r"[\s_]+", "-", stem.lower())
+    keys = [key]
+    ixi = re.match(r"ixi0*(\d+)", key)
+    if ixi:
+        keys.append(f"ixi:{ixi.group(1)}")
+    return keys
+
+
+def _read_labels(csv_path: Path, label_column: str) -> dict[str, int]:
+    """Map of match keys to integer labels; blank cells are left out (reported as missing later)."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise HaganError(f"{csv_path}: cannot read labels CSV ({exc})") from exc
+    columns = list(rows[0].keys()) if rows else []
+    if not columns:
+        raise HaganError(f"{csv_path}: labels CSV is empty")
+    if label_column not in columns:
+        raise HaganError(f"{csv_path}: no column {label_column!r}; columns: {', '.join(columns)}")
+    file_column = "file" if "file" in columns else columns[0]
+    labels: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):
+        text = (row.get(label_column) or "").strip()
+        if not text:
+            continue
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not value.is_integer() or value < 0:
+            raise HaganError(
+                f"{csv_path}:{line}: label {text!r} in column {label_column!r} is not a non-negative integer"
+            )
+        for key in _label_keys(row.get(file_column) or ""):
+            labels.setdefault(key, int(value))
+    return labels
+
+
+def _lookup_label(labels: dict[str, int], path: Path) -> int | None:
+    return next((labels[k] for k in _label_keys(path.name) if k in labels), None)
+
+
+def _unique_name(path: Path, taken: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", volume_stem(path)).strip("._") or "volume"
+    name, counter = base, 2
+    while name in taken:
+        name, counter = f"{base}-{counter}", counter + 1
+    taken.add(name)
+    return name
+
+
+def _prepare_cache_dir(dst: Path, recipe: str, size: int, mode: str) -> None:
+    """Refuse to mix into a folder that is not an empty one or a compatible hagan cache."""
+    if dst.exists() and not dst.is_dir():
+        raise HaganError(f"{dst}: exists and is not a folder")
+    if dst.is_dir() and any(dst.iterdir()):
+        refusal = f"{dst}: not empty and not a hagan cache; choose an empty or new folder"
+        try:
+            manifest = json.loads((dst / "manifest.json").read_text())
+        except (OSError, ValueError):
+            raise HaganError(refusal) from None
+        if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
+            raise HaganError(refusal)
+        existing = (manifest.get("recipe"), manifest.get("size"), manifest.get("mode"))
+        if existing != (recipe, size, mode):
+            raise HaganError(
+                f"{dst}: already a cache with recipe={existing[0]}, size={existing[1]}, mode={existing[2]}; "
+                f"use another folder for recipe={recipe}, size={size}, mode={mode}"
+            )
+    (dst / "volumes").mkdir(parents=True, exist_ok=True)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = atomic_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_json(path: Path, data: dict) -> None:
+    tmp = atomic_path(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def preprocess_folder(
+    src: str | os.PathLike | Iterable[str | os.PathLike],
+    dst: str | os.PathLike,
+    recipe: str,
+    size: int,
+    mode: str = "resize_keep_aspect",
+    trim: bool = True,
+    labels_csv: str | os.PathLike | None = None,
+    label_column: str | None = None,
+    progress: bool = True,
+    *,
+    min_size: int | None = None,
+) -> PreprocessReport:
+    """Build a hagan cache in ``dst`` from a folder (or list) of volumes, skipping unusable files.
+
+    Bad files are listed in the report rather than stopping the run; only a source with no usable
+    volume at all raises NoUsableVolumesError. Each cube and, last, the manifest are written
+    atomically, so an interrupted run never leaves a manifest pointing at half-written data.
+    """
+    start = time.perf_counter()
+    if recipe not in RECIPES:
+        raise HaganError(f"unknown recipe {recipe!r}; valid recipes: {', '.join(sorted(RECIPES))}")
+    if mode not in FIT_MODES:
+        raise HaganError(f"unknown mode {mode!r}; valid modes: {', '.join(FIT_MODES)}")
+    if size < 2:
+        raise HaganError(f"cube size must be at least 2, got {size}")
+    if (labels_csv is None) != (label_column is None):
+        raise HaganError("labels need both a labels CSV and a label column")
+    if isinstance(src, (str, os.PathLike)):
+        source_name = str(src)
+        paths = list_volume_paths(src)
+    else:
+        paths = [Path(p) for p in src]
+        source_name = f"{len(paths)} listed paths"
+    labels = _read_labels(Path(labels_csv), label_column) if labels_csv is not None else None
+    dst = Path(dst)
+    _prepare_cache_dir(dst, recipe, size, mode)
+
+    report = PreprocessReport(cache_dir=dst)
+    entries: list[dict] = []
+    taken: set[str] = set()
+    for path in tqdm(paths, desc="preprocess", unit="vol", disable=not progress):
+        try:
+            volume = read_volume(path)
+            cube, trimmed = _preprocess(volume, recipe, size, mode, trim, min_size, str(path))
+        except VolumeError as exc:
+            report.bad.append((exc.path, exc.reason))
+            continue
+        label = -1
+        if labels is not None:
+            found = _lookup_label(labels, path)
+            if found is None:
+                report.warnings.append(f"{path}: no label in {labels_csv}; using -1")
+            else:
+                label = found
+        name = _unique_name(path, taken)
+        relative = f"volumes/{name}.npy"
+        _save_npy(dst / relative, cube.array.astype(np.float16))
+        entries.append(
+            {
+                "name": name,
+                "file": relative,
+                "source": str(Path(path).resolve()),
+                "label": label,
+                "affine": cube.affine.tolist(),
+                "original_shape": list(volume.array.shape),
+                "original_spacing": list(volume.spacing),
+            }
+        )
+        report.entries.append(
+            CacheEntryReport(name, str(path), volume.array.shape, volume.spacing, trimmed, label)
+        )
+
+    if not entries:
+        first = f" (first reason: {report.bad[0][0]}: {report.bad[0][1]})" if report.bad else ""
+        raise NoUsableVolumesError(f"{source_name}: no usable volume among {len(paths)} files{first}")
+    max_label = max(e["label"] for e in entries)
+    manifest = {
+        "format": CACHE_FORMAT,
+        "hagan_version": __version__,
+        "recipe": recipe,
+        "size": size,
+        "mode": mode,
+        "entries": entries,
+        "reference_affine": entries[0]["affine"],
+        "num_classes": max_label + 1 if max_label >= 0 else 0,
+    }
+    _save_json(dst / "manifest.json", manifest)
+    current = {Path(e["file"]).name for e in entries}
+    for stale in (dst / "volumes").glob("*.npy"):
+        if stale.name not in current:
+            stale.unlink()
+    report.seconds = time.perf_counter() - start
+    return report
