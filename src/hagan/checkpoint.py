@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError, safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -46,8 +46,8 @@ def _flatten_optimizer(name: str, optimizer: torch.optim.Optimizer) -> tuple[dic
 def _unflatten_optimizer(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for slot, value in list(tensors.items()) + list(meta["scalars"].items()):
-        owner, index, key = slot.split("/", 2)
-        if owner == name:
+        if slot.startswith(f"{name}/"):
+            _, index, key = slot.split("/", 2)
             state.setdefault(int(index), {})[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
@@ -97,7 +97,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
     """Load safetensors weights, naming the first tensor whose name or shape differs from the model."""
     try:
         weights = load_file(str(path))
-    except (SafetensorsError, OSError) as err:
+    except (SafetensorError, OSError) as err:
         raise HaganError(f"{path}: cannot read weights ({err})") from err
     expected = model.state_dict()
     for key, tensor in expected.items():

@@ -1,0 +1,165 @@
+"""HA-GAN's update rule: which module each step changes, slab alignment, encoders, losses and ablations."""
+
+import pytest
+import torch
+
+from hagan.config import build_config
+from hagan.losses import discriminator_loss, generator_loss, gradient_penalty, r1_penalty
+from hagan.models import build_model
+
+TINY = {"size": 32, "width": 0.125, "latent_dim": 16}
+
+
+def tiny_model(**changes):
+    model_cfg = {**TINY, **changes.pop("model", {})}
+    config = build_config(None, None, [{"model": model_cfg}, *({k: v} for k, v in changes.items())])
+    torch.manual_seed(0)
+    return build_model(config)
+
+
+def batch(n=2, size=32, labels=None):
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(n, 1, size, size, size, generator=g) * 2 - 1
+    return {"image": image, "label": torch.tensor(labels if labels is not None else [-1] * n)}
+
+
+def snapshot(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def changed(module, before):
+    return any(not torch.equal(p, q) for p, q in zip(module.parameters(), before))
+
+
+def test_one_iteration_updates_every_module_and_logs_finite_losses():
+    model = tiny_model()
+    before = {name: snapshot(getattr(model, name)) for name in
+              ("common", "low_gen", "high_gen", "high_disc", "low_disc", "slab_encoder", "global_encoder")}
+    logs = model.train_step(batch(), 0, torch.Generator().manual_seed(0))
+    assert {"loss/D_adv", "loss/G_adv", "loss/E_H", "loss/E_G"} <= set(logs)
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    for name, params in before.items():
+        assert changed(getattr(model, name), params), name
+
+
+def test_encoder_steps_leave_generator_and_discriminators_alone():
+    model = tiny_model()
+    frozen = {name: snapshot(getattr(model, name)) for name in ("common", "low_gen", "high_gen", "high_disc", "low_disc")}
+    encoders = {name: snapshot(getattr(model, name)) for name in ("slab_encoder", "global_encoder")}
+    real = batch()["image"]
+    model.encoder_steps(real, model.real_slab(real, 2), model.low_res(real), 2, None)
+    for name, params in frozen.items():
+        assert not changed(getattr(model, name), params), name
+    for name, params in encoders.items():
+        assert changed(getattr(model, name), params), name
+
+
+def test_slab_encoder_loss_falls_on_a_fixed_batch():
+    model = tiny_model()
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, 32)] * 3, indexing="ij"))
+    real = torch.where((grid**2).sum(0) < 0.5, 0.5, -1.0).expand(2, 1, 32, 32, 32).contiguous()
+    slab = model.real_slab(real, 2)
+    losses = [model.encoder_steps(real, slab, model.low_res(real), 2, None)["loss/E_H"] for _ in range(25)]
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_discriminator_learns_to_separate_a_fixed_fake_from_reals():
+    model = tiny_model()
+    real = batch()["image"]
+    r = model.normalised_start(0)
+    slab, low = model.real_slab(real, 0), model.low_res(real)
+    fake_slab, fake_low = torch.full_like(slab, -1.0), torch.full_like(low, -1.0)
+    opt = model.optimizers()["D"]
+    losses = []
+    for _ in range(20):
+        loss = discriminator_loss("bce", model.discriminate(slab, low, r)[0], model.discriminate(fake_slab, fake_low, r)[0])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+
+
+def test_real_slab_lines_up_with_generated_slab():
+    model = tiny_model()
+    volume = torch.arange(32.0).view(1, 1, 32, 1, 1).expand(1, 1, 32, 32, 32)
+    start = 3
+    slab = model.real_slab(volume, start)
+    assert slab.shape[2] == 4
+    assert slab[0, 0, :, 0, 0].tolist() == [12.0, 13.0, 14.0, 15.0]
+    assert model.max_start * 4 == 32 * 7 // 8
+
+
+def test_start_is_uniform_over_all_positions_and_deterministic_mode_cycles():
+    model = tiny_model()
+    rng = torch.Generator().manual_seed(0)
+    seen = {model.sample_start(i, rng) for i in range(400)}
+    assert seen == set(range(model.max_start + 1))
+    det = tiny_model(model={"r_sampling": "deterministic"})
+    assert [det.sample_start(i, rng) for i in range(9)] == [0, 1, 2, 3, 4, 5, 6, 7, 0]
+
+
+def test_encode_slabs_matches_slab_by_slab():
+    model = tiny_model().eval()
+    real = batch()["image"]
+    joint = model.encode_slabs(real)
+    parts = torch.cat([model.slab_encoder(real[:, :, 4 * i : 4 * i + 4]) for i in range(8)], dim=2)
+    torch.testing.assert_close(joint, parts)
+
+
+def test_generated_volumes_have_full_size_and_range():
+    model = tiny_model().eval()
+    volumes = model.sample(3, torch.Generator().manual_seed(0))
+    assert volumes.shape == (3, 1, 32, 32, 32)
+    assert volumes.min() >= -1 and volumes.max() <= 1
+    assert model.encode(volumes).shape == (3, 16)
+    with pytest.raises(ValueError, match="shape"):
+        model.encode(torch.zeros(1, 1, 16, 16, 16))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"model": {"low_res_branch": False}},
+        {"model": {"encoder": False}},
+        {"model": {"num_classes": 3}},
+        {"loss": {"kind": "wgan-gp"}},
+        {"loss": {"r1_gamma": 1.0, "diffaug": "translation,cutout,brightness,contrast", "ada_target": 0.6}},
+    ],
+)
+def test_variants_train(changes):
+    model = tiny_model(**changes)
+    labels = [0, 2] if model.num_classes else None
+    logs = model.train_step(batch(labels=labels), 0, torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    if not changes.get("model", {}).get("low_res_branch", True):
+        assert model.low_gen is None and model.low_disc is None
+    if not changes.get("model", {}).get("encoder", True):
+        assert "loss/E_H" not in logs
+    if model.num_classes:
+        assert "loss/D_class" in logs and "loss/G_class" in logs
+
+
+def test_losses_move_the_right_way():
+    high, low = torch.tensor([3.0]), torch.tensor([-3.0])
+    assert discriminator_loss("bce", high, low) < discriminator_loss("bce", low, high)
+    assert generator_loss("bce", high) < generator_loss("bce", low)
+    assert discriminator_loss("wgan-gp", high, low) < discriminator_loss("wgan-gp", low, high)
+    with pytest.raises(ValueError, match="unknown loss"):
+        generator_loss("hinge", high)
+
+
+def test_penalties_on_a_linear_critic():
+    w = torch.tensor([3.0, 4.0])
+
+    def critic(x):
+        return x.flatten(1) @ w
+
+    real, fake = torch.randn(5, 2), torch.randn(5, 2)
+    assert float(r1_penalty(critic, [real])) == pytest.approx(25.0)
+    assert float(gradient_penalty(critic, [real], [fake])) == pytest.approx((5.0 - 1.0) ** 2)
+
+    def two_input_critic(a, b):
+        return a.flatten(1) @ w + 2 * b.flatten(1).sum(1)
+
+    assert float(r1_penalty(two_input_critic, [real, torch.zeros(5, 3)])) == pytest.approx(25.0 + 12.0)
