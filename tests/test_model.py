@@ -76,7 +76,7 @@ def test_discriminator_learns_to_separate_a_fixed_fake_from_reals():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
 
 

@@ -1,0 +1,62 @@
+"""Configuration: presets, YAML round trip, and clear errors before any work starts."""
+
+import pytest
+
+from hagan.config import PRESETS, Config, build_config, load_yaml, parse_assignment, save_yaml
+from hagan.errors import HaganError
+
+
+def test_defaults_are_the_papers_settings():
+    c = build_config("paper-256")
+    assert (c.model.size, c.model.latent_dim, c.optim.batch_size) == (256, 1024, 4)
+    assert (c.optim.lr_g, c.optim.lr_e, c.optim.lr_d) == (1e-4, 1e-4, 4e-4)
+    assert (c.optim.beta1, c.optim.beta2) == (0.0, 0.999)
+    assert (c.loss.kind, c.loss.lambda_recon_slab, c.loss.lambda_recon_global, c.loss.lambda_class) == ("bce", 5.0, 5.0, 0.1)
+    assert c.loss.diffaug == "" and c.loss.r1_gamma == 0 and not c.data.augment
+    assert build_config("paper-128").model.size == 128
+
+
+def test_every_preset_is_valid():
+    for name in PRESETS:
+        build_config(name)
+
+
+def test_later_sources_override_earlier(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  size: 64\ntrain:\n  iterations: 10\n")
+    c = build_config("paper-256", path, [parse_assignment("train.iterations=7"), parse_assignment("loss.r1_gamma=2")])
+    assert (c.model.size, c.train.iterations, c.loss.r1_gamma) == (64, 7, 2.0)
+
+
+def test_yaml_round_trip(tmp_path):
+    c = build_config("small-data-128")
+    save_yaml(c, tmp_path / "config.yaml")
+    assert Config.from_dict(load_yaml(tmp_path / "config.yaml")) == c
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"modle": {"size": 64}}, "unknown section 'modle'"),
+        ({"model": {"sise": 64}}, "unknown key model.sise"),
+        ({"model": {"size": "64"}}, "model.size must be int"),
+        ({"model": {"size": 96}}, "power of two"),
+        ({"optim": {"batch_size": 0}}, "optim.batch_size must be at least 1"),
+        ({"loss": {"kind": "hinge"}}, "loss.kind"),
+        ({"model": {"encoder": 1}}, "model.encoder must be bool"),
+    ],
+)
+def test_bad_values_are_refused_with_the_key_named(values, message):
+    with pytest.raises(HaganError, match=message):
+        Config.from_dict(values)
+
+
+def test_bad_yaml_and_assignment(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(HaganError, match="bad.yaml: not valid YAML"):
+        build_config(None, bad)
+    with pytest.raises(HaganError, match="section.key=value"):
+        parse_assignment("iterations=5")
+    with pytest.raises(HaganError, match="unknown preset"):
+        build_config("paper-1024")
