@@ -66,6 +66,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     seed: int = 0
     device: str = "auto"
+    max_minutes: float = 0.0
 
 
 @dataclass
@@ -166,6 +167,8 @@ def validate(config: Config, source: str = "config") -> None:
             problems.append(f"{name} must be at least 1, got {value}")
     if m.width <= 0 or m.num_classes < 0:
         problems.append("model.width must be positive and model.num_classes not negative")
+    if t.max_minutes < 0:
+        problems.append(f"train.max_minutes must not be negative (0 means no limit), got {t.max_minutes}")
     if not 0 <= loss.diffaug_p <= 1 or not 0 <= loss.ada_target < 1:
         problems.append("loss.diffaug_p must lie in [0, 1] and loss.ada_target in [0, 1)")
     if problems:

@@ -166,7 +166,10 @@ class Trainer:
         writer.add_image("samples", montage_tensor(volumes), iteration)
 
     def fit(self) -> Path:
-        """Train until ``train.iterations``; returns the run folder. Stops cleanly on SIGINT/SIGTERM."""
+        """Train until ``train.iterations`` (or ``train.max_minutes``); returns the run folder.
+
+        SIGINT and SIGTERM stop after the current iteration and save a checkpoint.
+        """
         from torch.utils.tensorboard import SummaryWriter
 
         t = self.config.train
@@ -181,9 +184,10 @@ class Trainer:
         bar = tqdm(total=t.iterations, initial=iteration, desc="train", unit="it", disable=not self.progress,
                    dynamic_ncols=True)
         started = time.perf_counter()
+        deadline = started + t.max_minutes * 60 if t.max_minutes else float("inf")
         try:
             with StopRequested() as stop, open(self.run_dir / SCALARS_FILE, "a") as scalars_file:
-                while iteration < t.iterations and not stop.requested:
+                while iteration < t.iterations and not stop.requested and time.perf_counter() < deadline:
                     logs = self.model.train_step(next(loader), iteration, self.rng)
                     iteration += 1
                     bad = [k for k, v in logs.items() if not math.isfinite(v)]
@@ -200,14 +204,17 @@ class Trainer:
                             writer.add_scalar(key, value, iteration)
                         scalars_file.write(json.dumps({"iteration": iteration, **logs}) + "\n")
                         scalars_file.flush()
-                    if iteration % t.sample_every == 0 or iteration == t.iterations:
+                    if iteration % t.sample_every == 0:
                         self.write_samples(iteration, writer)
-                    if iteration % t.checkpoint_every == 0 and iteration != t.iterations:
+                    if iteration % t.checkpoint_every == 0:
                         self.save(iteration)
+                if iteration % t.sample_every:
+                    self.write_samples(iteration, writer)
         finally:
             bar.close()
             writer.close()
-        self.save(iteration)
+        if iteration % t.checkpoint_every:
+            self.save(iteration)
         curves = read_scalars(self.run_dir)
         if curves:
             plot_curves(curves, self.run_dir / "curves.png", title=f"{self.run_dir.name}: training curves")
