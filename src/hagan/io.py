@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import math
 import os
+import stat
+import sys
 import tempfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +27,12 @@ NUMPY_EXTENSIONS = (".npy", ".npz")
 VOLUME_EXTENSIONS = NIFTI_EXTENSIONS + SITK_EXTENSIONS + NUMPY_EXTENSIONS
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".ima")
 NPZ_IMAGE_KEYS = ("image", "volume", "arr_0")
+
+# The largest volume read_volume accepts (1024^3 voxels, 4 GiB as float32): a header declaring
+# more is refused before anything is allocated. Raise it here for bigger scans.
+MAX_VOXELS = 1024**3
+# Deflate (gzip, zlib, zip) cannot expand data by more than about 1032:1.
+_DEFLATE_MAX_RATIO = 1032
 
 # ITK stores geometry in LPS; flipping the first two world axes gives RAS.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -71,46 +85,120 @@ def volume_stem(path: str | os.PathLike) -> str:
     return name[: -len(ext)] if ext else name
 
 
-def read_volume(path: str | os.PathLike) -> Volume:
-    """Read any supported volume as float32 with a RAS+ affine; every failure is a VolumeError."""
-    path = Path(path)
-    if path.is_dir():
-        array, affine = _read_dicom_series(path)
-    else:
-        if not path.exists():
-            raise VolumeError(path, "file not found")
+def display_path(path: str | bytes | os.PathLike) -> str:
+    """``path`` as text that can always be printed: undecodable bytes of a non-UTF-8 name become ``\xff``."""
+    return printable(os.fsdecode(os.fspath(path)))
+
+
+def printable(text: str) -> str:
+    """``text`` with lone surrogates (undecodable file-name bytes) written as backslash escapes."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _error(path: str | os.PathLike, reason: str) -> VolumeError:
+    """A VolumeError whose message is one printable line."""
+    return VolumeError(display_path(path), " ".join(printable(reason).split()))
+
+
+def _as_path(path: str | bytes | os.PathLike) -> Path:
+    return Path(os.fsdecode(os.fspath(path)))
+
+
+def read_volume(path: str | bytes | os.PathLike) -> Volume:
+    """Read any supported volume as float32 with a RAS+ affine; every failure is a VolumeError.
+
+    Declared sizes are checked against the file size and MAX_VOXELS before any voxel is read, so a
+    hostile header never makes the reader allocate more than the file can hold. Anything that goes
+    wrong inside a reader library becomes a VolumeError too (with the original as its cause).
+    """
+    path = _as_path(path)
+    try:
+        return _read_volume(path)
+    except VolumeError:
+        raise
+    except Exception as exc:  # the last guard: a reader library failing in a way not foreseen
+        raise _error(path, f"unreadable ({_short(exc, path)})") from exc
+
+
+def _read_volume(path: Path) -> Volume:
+    info = _stat_volume(path)
+    if stat.S_ISDIR(info.st_mode):
         ext = volume_extension(path)
-        if ext is None:
-            known = ", ".join(VOLUME_EXTENSIONS)
-            raise VolumeError(path, f"unknown file type; expected one of {known} or a DICOM folder")
-        if path.stat().st_size == 0:
-            raise VolumeError(path, "empty file (0 bytes)")
-        if ext in NIFTI_EXTENSIONS:
-            array, affine = _read_nifti(path)
-        elif ext in SITK_EXTENSIONS:
-            array, affine = _read_sitk_file(path)
-        else:
-            array, affine = _read_numpy(path, ext)
+        if ext is not None:
+            raise _error(path, f"is a folder, not a {ext} file")
+        array, affine = _read_dicom_series(path)
+        return _as_3d_volume(path, array, affine)
+    ext = volume_extension(path)
+    if ext is None:
+        known = ", ".join(VOLUME_EXTENSIONS)
+        raise _error(path, f"unknown file type; expected one of {known} or a DICOM folder")
+    if not stat.S_ISREG(info.st_mode):
+        raise _error(path, f"not a regular file ({_file_kind(info.st_mode)})")
+    if info.st_size == 0:
+        raise _error(path, "empty file (0 bytes)")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise _error(path, f"cannot open ({exc.strerror or type(exc).__name__})") from exc
+    if ext in NIFTI_EXTENSIONS:
+        array, affine = _read_nifti(path, ext, info.st_size)
+    elif ext in SITK_EXTENSIONS:
+        array, affine = _read_sitk_file(path, ext, info.st_size)
+    else:
+        array, affine = _read_numpy(path, ext, info.st_size)
     return _as_3d_volume(path, array, affine)
 
 
-def list_volume_paths(folder: str | os.PathLike) -> list[Path]:
+def _stat_volume(path: Path) -> os.stat_result:
+    """stat() that follows links and turns loops, dangling links and missing files into VolumeErrors."""
+    try:
+        return os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _error(path, "symbolic link loop") from exc
+        if exc.errno == errno.ENOENT:
+            if os.path.islink(path):
+                raise _error(path, "broken symbolic link (its target does not exist)") from exc
+            raise _error(path, "file not found") from exc
+        raise _error(path, f"cannot access ({exc.strerror or type(exc).__name__})") from exc
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device")]
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
+def list_volume_paths(folder: str | bytes | os.PathLike) -> list[Path]:
     """Volume files (known extensions) and DICOM series folders under ``folder``, sorted.
 
     Volume files are taken from ``folder`` itself; DICOM series are found in ``folder`` and any
     subfolder, each folder holding DICOM files counting as one series. Hidden entries are skipped
-    so that half-written temporary files are never picked up.
+    so that half-written temporary files are never picked up. Entries that merely carry a volume
+    extension (a folder named ``x.nii.gz``, a dangling or looping link, a pipe) are listed too, so
+    that reading them reports why they are unusable instead of leaving them out silently.
     """
-    folder = Path(folder)
+    folder = _as_path(folder)
     if not folder.is_dir():
-        raise HaganError(f"{folder}: not a folder")
-    found = [
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and volume_extension(p)
-    ]
+        raise HaganError(f"{display_path(folder)}: not a folder")
+    try:
+        found = {p for p in folder.iterdir() if not p.name.startswith(".") and volume_extension(p)}
+    except OSError as exc:
+        raise HaganError(f"{display_path(folder)}: cannot list folder ({exc.strerror or exc})") from exc
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         if any(_looks_like_dicom(Path(root) / f) for f in files if not f.startswith(".")):
-            found.append(Path(root))
+            found.add(Path(root))
     return sorted(found)
 
 
@@ -121,6 +209,8 @@ def _looks_like_dicom(path: Path) -> bool:
     if path.suffix.lower() in DICOM_EXTENSIONS:
         return True
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with open(path, "rb") as f:
             f.seek(128)
             return f.read(4) == b"DICM"
@@ -128,65 +218,462 @@ def _looks_like_dicom(path: Path) -> bool:
         return False
 
 
-def _short(exc: BaseException, path: Path) -> str:
+def _short(exc: BaseException, path: Path, *aliases: str) -> str:
     """A one-line summary of a library exception, for the reason part of a VolumeError.
 
-    The error already starts with the path, so the library's copy of it is shortened to the name.
+    The error already starts with the path, so the library's copy of it (or of a temporary alias
+    of it) is shortened to the name.
     """
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    text = (lines[-1] if lines else "").replace(str(path), path.name)
-    if len(text) > 120:
-        text = text[:117] + "..."
+    # ITK's messages open with its source location and close with the specific cause
+    text = (lines[-1] if lines[0].startswith("Exception thrown in SimpleITK") else " ".join(lines)) if lines else ""
+    for long in (str(path), *aliases):
+        text = text.replace(long, path.name)
+    text = printable(text)
+    if len(text) > 160:
+        text = text[:157] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _human(nbytes: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if nbytes < 1024 or unit == "PiB":
+            return f"{nbytes} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes} bytes"  # unreachable
+
+
+def _declared(shape: tuple[int, ...], dtype_name: str) -> str:
+    return f"{'x'.join(str(n) for n in shape)} {dtype_name}"
+
+
+def _check_declared_size(
+    path: Path,
+    shape: tuple[int, ...],
+    itemsize: int,
+    dtype_name: str,
+    available: int | None,
+    *,
+    compressed: bool = False,
+    what: str = "the file",
+    bound: str = "exact",
+) -> None:
+    """Refuse a header whose declared data cannot be right, before anything is allocated.
+
+    ``available`` is the number of bytes that hold the data (None when unknown); ``bound`` says
+    whether that is "exact", a "lower" bound (inflating stopped early) or an "upper" one (a skip
+    of unknown length comes first). Raw data must fit
+    in it exactly to within less than one slice; compressed data cannot expand by more than
+    deflate's maximum ratio; and no volume may exceed MAX_VOXELS.
+    """
+    voxels = math.prod(int(n) for n in shape)
+    nbytes = voxels * itemsize
+    declared = _declared(shape, dtype_name)
+    if voxels > MAX_VOXELS:
+        raise _error(
+            path, f"header declares {declared} ({voxels:.3g} voxels, {_human(nbytes)}); "
+            f"more than the {MAX_VOXELS:.3g}-voxel limit (hagan.io.MAX_VOXELS)",
+        )
+    if available is None:
+        return
+    if compressed:
+        if nbytes > _DEFLATE_MAX_RATIO * available + 1024:
+            raise _error(
+                path, f"header declares {declared} ({_human(nbytes)}) but {what} holds only "
+                f"{_human(available)} of compressed data; dimensions disagree with the data",
+            )
+        return
+    if nbytes > available and bound != "lower":
+        raise _error(
+            path, f"truncated: header declares {declared} ({_human(nbytes)}) but {what} holds only "
+            f"{_human(available)} of data",
+        )
+    slice_bytes = math.prod(int(n) for n in shape[:2]) * itemsize
+    if available - nbytes >= max(slice_bytes, 1) and bound != "upper":
+        raise _error(
+            path, f"header declares {declared} ({_human(nbytes)}) but {what} holds "
+            f"{'more than ' if bound == 'lower' else ''}{_human(available)} of data; dimensions disagree with the data",
+        )
+
+
+def _read_nifti(path: Path, ext: str, file_size: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         image = nib.load(str(path))
+        shape = tuple(int(n) for n in image.shape)
+        dtype = np.dtype(image.header.get_data_dtype())
+        offset = int(getattr(image.dataobj, "offset", image.header.get_data_offset()))
     except Exception as exc:
-        raise VolumeError(path, f"not a readable NIfTI file ({_short(exc, path)})") from exc
-    _check_dims(path, image.shape)
+        raise _error(path, f"not a readable NIfTI file ({_short(exc, path)})") from exc
+    if dtype.kind not in "biuf" or dtype.fields is not None:
+        raise _error(path, f"unsupported voxel type {dtype} in the NIfTI header; need real numbers")
+    _check_dims(path, shape)
+    compressed = ext == ".nii.gz"  # the offset counts uncompressed bytes: bound by the whole file
+    available = file_size if compressed else max(file_size - offset, 0)
+    _check_declared_size(path, shape, dtype.itemsize, str(dtype), available, compressed=compressed)
+    if compressed:
+        # Decompress once, bounded and checksummed: nibabel alone stops reading where the data ends,
+        # so a stream cut in its trailer or carrying more data than the header declares goes unseen.
+        slice_bytes = math.prod(shape[:2]) * dtype.itemsize
+        limit = offset + math.prod(shape) * dtype.itemsize + slice_bytes
+        raw, complete = _gunzip_bounded(path, limit)
+        bounded = len(raw) > limit
+        what = "the decompressed file" if complete or bounded else "the gzip stream (cut short)"
+        available = max(len(raw) - offset, 0)
+        _check_declared_size(
+            path, shape, dtype.itemsize, str(dtype), available, what=what, bound="lower" if bounded else "exact"
+        )
+        if not complete:
+            raise _error(path, "truncated gzip stream (its end marker and checksum are missing)")
+        try:
+            image = type(image).from_bytes(raw)
+        except Exception as exc:
+            raise _error(path, f"not a readable NIfTI file ({_short(exc, path)})") from exc
     try:
-        array = image.get_fdata(dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # huge scl_slope: inf voxels, handled later
+            array = image.get_fdata(dtype=np.float32)
     except Exception as exc:
-        raise VolumeError(path, f"truncated or corrupt NIfTI data ({_short(exc, path)})") from exc
-    return array, np.asarray(image.affine, dtype=np.float64)
+        raise _error(path, f"truncated or corrupt NIfTI data ({_short(exc, path)})") from exc
+    try:
+        affine = np.asarray(image.affine, dtype=np.float64)
+    except Exception as exc:
+        raise _error(path, f"unreadable NIfTI geometry ({_short(exc, path)})") from exc
+    return array, affine
 
 
-def _read_sitk_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        image = sitk.ReadImage(str(path))
-    except Exception as exc:
-        kind = path.suffix.lstrip(".").upper()
-        raise VolumeError(path, f"not a readable {kind} image ({_short(exc, path)})") from exc
+def _gunzip_bounded(path: Path, limit: int) -> tuple[bytes, bool]:
+    """Up to ``limit`` + 1 decompressed bytes of a (possibly multi-member) gzip file, and whether
+    the stream ended properly (end marker, CRC and length verified) within that bound.
+
+    Never inflates more than ``limit`` + 1 bytes, whatever the file claims: no gzip bomb.
+    """
+    return _inflate_bounded(path, path.read_bytes(), limit, wbits=31)
+
+
+def _inflate_bounded(path: Path, data: bytes, limit: int, wbits: int) -> tuple[bytes, bool]:
+    """_gunzip_bounded on bytes; ``wbits`` 31 for gzip, 47 for gzip or zlib (see zlib.decompressobj)."""
+    out = bytearray()
+    while True:
+        inflater = zlib.decompressobj(wbits=wbits)
+        try:
+            out += inflater.decompress(data, limit + 1 - len(out))
+        except zlib.error as exc:
+            raise _error(path, f"corrupt compressed data (zlib: {exc})") from exc
+        if len(out) > limit or not inflater.eof:
+            return bytes(out), inflater.eof and not inflater.unused_data.strip(b"\0")
+        data = inflater.unused_data
+        if not data.strip(b"\0"):  # zero padding after the last member is harmless
+            return bytes(out), True
+        if not data.startswith(b"\x1f\x8b"):
+            raise _error(path, f"{len(data)} bytes of trailing garbage after the gzip data")
+
+
+_SITK_IO = {".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO", ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}
+_SITK_KIND = {".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage", ".mhd": "MetaImage"}
+
+
+def _read_sitk_file(path: Path, ext: str, file_size: int) -> tuple[np.ndarray, np.ndarray]:
+    kind = _SITK_KIND[ext]
+    with _sitk_file_name(path, ext) as name, _quiet_native_stderr():
+        reader = sitk.ImageFileReader()
+        reader.SetImageIO(_SITK_IO[ext])
+        reader.SetFileName(name)
+        try:
+            reader.ReadImageInformation()
+            size = tuple(int(n) for n in reader.GetSize())
+            components = int(reader.GetNumberOfComponents())
+            pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+            itemsize = _sitk_itemsize(reader.GetPixelID())
+        except Exception as exc:
+            raise _error(path, f"not a readable {kind} image ({_sitk_header_problem(path, ext, exc, name)})") from exc
+        if components != 1:
+            raise _error(path, f"{components} values per voxel (colour or vector image); need a scalar volume")
+        _check_dims(path, size)
+        _check_declared_size(path, size, itemsize, pixel, None)  # the voxel limit, before inflating
+        limit = math.prod(size) * itemsize + math.prod(size[:2]) * itemsize if len(size) >= 2 else 0
+        available, bound, what = _attached_data(path, ext, file_size, limit)
+        _check_declared_size(path, size, itemsize, pixel, available, what=what, bound=bound)
+        try:
+            image = reader.Execute()
+        except Exception as exc:
+            raise _error(path, f"truncated or corrupt {kind} data ({_short(exc, path, name)})") from exc
     return _sitk_to_array_affine(path, image)
 
 
+def _sitk_header_problem(path: Path, ext: str, exc: Exception, alias: str) -> str:
+    """Why ITK could not read a header: a plain statement when the magic is missing (ITK's own
+    message then echoes binary junk or a stale errno), else ITK's message."""
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    if _SITK_KIND[ext] == "NRRD" and not head.startswith(b"NRRD"):
+        return "no NRRD magic line at the start"
+    if _SITK_KIND[ext] == "MetaImage" and not any(key in head for key in (b"ObjectType", b"NDims")):
+        return "no MetaImage header (ObjectType/NDims lines)"
+    return _short(exc, path, alias)
+
+
+def _sitk_itemsize(pixel_id: int) -> int:
+    sizes = {
+        sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2,
+        sitk.sitkUInt32: 4, sitk.sitkInt32: 4, sitk.sitkUInt64: 8, sitk.sitkInt64: 8,
+        sitk.sitkFloat32: 4, sitk.sitkFloat64: 8, sitk.sitkComplexFloat32: 8, sitk.sitkComplexFloat64: 16,
+    }
+    return sizes.get(pixel_id, 1)
+
+
+def _text_header(path: Path, limit: int = 1 << 16) -> tuple[list[tuple[str, str]], int]:
+    """(key, value) pairs of a NRRD or MetaImage text header and the byte offset where data starts."""
+    with open(path, "rb") as f:
+        head = f.read(limit)
+    pairs: list[tuple[str, str]] = []
+    position = 0
+    nrrd = head.startswith(b"NRRD")
+    while position < len(head):
+        end = head.find(b"\n", position)
+        if end < 0:
+            return pairs, len(head)
+        line = head[position:end].decode("latin-1").strip()
+        position = end + 1
+        if nrrd and not line:
+            break
+        if nrrd and (line.startswith("#") or line.startswith("NRRD")):
+            continue
+        key, sep, value = line.partition(":" if nrrd else "=")
+        if nrrd and not sep:
+            key, sep, value = line.partition(":=")
+        pairs.append((key.strip().lower(), value.strip()))
+        if not nrrd and key.strip().lower() == "elementdatafile":
+            break
+    return pairs, position
+
+
+def _attached_data(path: Path, ext: str, file_size: int, limit: int) -> tuple[int | None, str, str]:
+    """How many bytes hold the voxel data, how to compare them with the header, and where they are.
+
+    The middle value is "exact" (raw data), "lower" (inflating stopped at ``limit`` + 1 bytes: the
+    data hold at least that much) or "upper" (a header or byte skip of unknown length precedes the
+    data). None when the encoding or layout gives no useful figure (text, bzip2, file lists).
+    Compressed data are inflated, never beyond ``limit`` + 1 bytes, to measure them exactly: ITK
+    does not always notice a stream shorter than the header says (a compressed MetaImage comes
+    back silently part-filled).
+    """
+    pairs, data_start = _text_header(path)
+    fields = dict(pairs)
+    if ext in (".nrrd", ".nhdr"):
+        encoding = fields.get("encoding", "raw").lower()
+        detached = fields.get("data file") or fields.get("datafile")
+        if detached is None and ext == ".nhdr":
+            return None, "exact", "the file"
+        skip = fields.get("byte skip") or fields.get("byteskip") or "0"
+        unknown_skip = "line skip" in fields or "lineskip" in fields
+    else:
+        encoding = "gzip" if fields.get("compresseddata", "false").lower() == "true" else "raw"
+        detached = fields.get("elementdatafile", "LOCAL")
+        detached = None if detached.upper() == "LOCAL" else detached
+        skip = fields.get("headersize", "0")
+        unknown_skip = False
+    if encoding not in ("raw", "gzip", "gz"):
+        return None, "exact", "the file"
+    try:
+        skip_bytes = int(skip)
+    except ValueError:
+        return None, "exact", "the file"
+    unknown_skip = unknown_skip or skip_bytes < 0
+    if detached is None:
+        source, offset, what = path, data_start, "the file"
+    else:
+        if len(detached.split()) != 1 or detached.upper() == "LIST" or "%" in detached:
+            return None, "exact", "the file"
+        source, offset, what = path.parent / detached, 0, f"its data file {detached!r}"
+        try:
+            info = os.stat(source)
+        except OSError as exc:
+            raise _error(path, f"its data file {detached!r} cannot be read ({exc.strerror})") from exc
+        if not stat.S_ISREG(info.st_mode):
+            raise _error(path, f"its data file {detached!r} is not a regular file ({_file_kind(info.st_mode)})")
+        file_size = info.st_size
+    if encoding == "raw":
+        available = max(file_size - offset - max(skip_bytes, 0), 0)
+        return available, "upper" if unknown_skip else "exact", what
+    with open(source, "rb") as f:
+        f.seek(offset)
+        inflated, _ = _inflate_bounded(path, f.read(), limit, wbits=47)
+    if len(inflated) > limit:
+        return len(inflated), "lower", f"{what} (inflated)"
+    return len(inflated), "upper" if unknown_skip else "exact", f"{what} (inflated)"
+
+
 def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    except Exception as exc:
-        raise VolumeError(folder, f"cannot scan folder for DICOM files ({_short(exc, folder)})") from exc
-    if not series_ids:
-        raise VolumeError(folder, "folder holds no DICOM series")
-    if len(series_ids) > 1:
-        raise VolumeError(
-            folder, f"folder holds {len(series_ids)} DICOM series; put each series in its own folder"
-        )
-    try:
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
-        image = reader.Execute()
-    except Exception as exc:
-        raise VolumeError(folder, f"unreadable DICOM series ({_short(exc, folder)})") from exc
+    with _sitk_folder_name(folder) as (name, originals), _quiet_native_stderr():
+        try:
+            series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(name)
+        except Exception as exc:
+            raise _error(folder, f"cannot scan folder for DICOM files ({_short(exc, folder, name)})") from exc
+        if not series_ids:
+            raise _error(folder, "folder holds no DICOM series")
+        if len(series_ids) > 1:
+            raise _error(
+                folder, f"folder holds {len(series_ids)} DICOM series; put each series in its own folder"
+            )
+        try:
+            files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(name, series_ids[0]))
+        except Exception as exc:
+            raise _error(folder, f"unreadable DICOM series ({_short(exc, folder, name)})") from exc
+        _check_dicom_slices(folder, files, originals)
+        try:
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(files)
+            image = reader.Execute()
+        except Exception as exc:
+            raise _error(folder, f"unreadable DICOM series ({_short(exc, folder, name)})") from exc
     return _sitk_to_array_affine(folder, image)
+
+
+def _check_dicom_slices(folder: Path, files: list[str], originals: dict[str, str]) -> None:
+    """Refuse series with slices of different sizes or orientations, repeated positions, or gaps.
+
+    ITK would read such a series anyway with an average slice spacing, silently stretching anatomy.
+    """
+    def name(file: str) -> str:
+        return printable(originals.get(file, os.path.basename(file)))
+
+    origins, shapes, normals = [], [], []
+    for file in files:
+        reader = sitk.ImageFileReader()
+        reader.SetImageIO("GDCMImageIO")
+        reader.SetFileName(file)
+        try:
+            reader.ReadImageInformation()
+        except Exception as exc:
+            raise _error(folder, f"unreadable DICOM slice {name(file)} ({_short(exc, folder)})") from exc
+        size = reader.GetSize()
+        direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(len(size), len(size))
+        origins.append(np.asarray(reader.GetOrigin(), dtype=np.float64)[:3])
+        shapes.append(tuple(size[:2]))
+        normals.append(direction[:3, 2] if direction.shape[0] >= 3 else np.array([0.0, 0.0, 1.0]))
+        if len(size) > 2 and size[2] > 1 and len(files) > 1:
+            raise _error(folder, f"multi-frame file {name(file)} mixed with other slices in one series")
+    check_voxels = math.prod(shapes[0]) * len(files) if shapes else 0
+    if check_voxels > MAX_VOXELS:
+        raise _error(folder, f"series of {len(files)} slices of {shapes[0]} is over the {MAX_VOXELS:.3g}-voxel limit")
+    if len(files) < 2:
+        return
+    for file, shape in zip(files, shapes):
+        if shape != shapes[0]:
+            raise _error(
+                folder, f"slices of different sizes ({name(files[0])} is {shapes[0][0]}x{shapes[0][1]}, "
+                f"{name(file)} is {shape[0]}x{shape[1]})",
+            )
+    for file, normal in zip(files, normals):
+        if not np.allclose(normal, normals[0], atol=1e-3):
+            raise _error(folder, f"slices with different orientations ({name(files[0])} and {name(file)})")
+    positions = np.array([origin @ normals[0] for origin in origins])
+    steps = np.diff(positions)
+    if not (np.all(steps > 0) or np.all(steps < 0)):
+        # GDCM falls back to file-name order when it cannot sort (e.g. on repeated positions)
+        order = np.argsort(positions, kind="stable")
+        files[:] = [files[i] for i in order]
+        positions = positions[order]
+    gaps = np.abs(np.diff(positions))
+    for i, gap in enumerate(gaps):
+        if gap < 1e-3:
+            raise _error(
+                folder, f"two slices at the same position {positions[i]:.4g} mm ({name(files[i])} and "
+                f"{name(files[i + 1])}); duplicated slices or mixed acquisitions",
+            )
+    typical = float(np.median(gaps))
+    irregular = np.flatnonzero(np.abs(gaps - typical) > 0.1 * typical)
+    if irregular.size:
+        i = int(irregular[0])
+        raise _error(
+            folder, f"non-uniform slice spacing: {gaps[i]:.4g} mm between {name(files[i])} and "
+            f"{name(files[i + 1])}, {typical:.4g} mm elsewhere ({irregular.size} irregular of "
+            f"{gaps.size} gaps); missing slices?",
+        )
+
+
+def _utf8_ok(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+@contextmanager
+def _sitk_file_name(path: Path, ext: str) -> Iterator[str]:
+    """A name SimpleITK can take for ``path``.
+
+    SimpleITK aborts the whole process (an uncatchable C++ std::logic_error) when given a path that
+    is not valid UTF-8, e.g. a Linux file name with undecodable bytes. Such a file is read through
+    a temporary symbolic link with a plain name; for detached headers, the links include the
+    header's siblings with UTF-8 names so that its data file is found.
+    """
+    text = str(path)
+    if _utf8_ok(text):
+        yield text
+        return
+    with tempfile.TemporaryDirectory(prefix="hagan-read-") as tmp:
+        link = os.path.join(tmp, "volume" + ext)
+        os.symlink(os.path.abspath(path), link)
+        if ext in (".mhd", ".nhdr"):
+            with os.scandir(path.parent) as entries:
+                for entry in entries:
+                    if _utf8_ok(entry.name) and not os.path.exists(os.path.join(tmp, entry.name)):
+                        os.symlink(os.path.abspath(entry.path), os.path.join(tmp, entry.name))
+        yield link
+
+
+@contextmanager
+def _sitk_folder_name(folder: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """Like _sitk_file_name for a DICOM folder; also maps link names back to the original file names."""
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError as exc:
+        raise _error(folder, f"cannot list folder ({exc.strerror or type(exc).__name__})") from exc
+    if _utf8_ok(str(folder)) and all(_utf8_ok(e) for e in entries):
+        yield str(folder), {}
+        return
+    with tempfile.TemporaryDirectory(prefix="hagan-read-") as tmp:
+        originals = {}
+        for i, entry in enumerate(entries):
+            source = os.path.join(os.path.abspath(folder), entry)
+            if entry.startswith(".") or not os.path.isfile(source):
+                continue
+            link = os.path.join(tmp, f"slice{i:06d}.dcm")
+            os.symlink(source, link)
+            originals[link] = entry
+        yield tmp, originals
+
+
+@contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Silence what ITK, GDCM and MetaIO print straight to the C-level stderr while they read.
+
+    Their failures still arrive as exceptions (turned into one-line VolumeErrors); without this, a
+    folder of broken files would spray multi-line native warnings over the command's output.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 def _sitk_to_array_affine(path: Path, image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     """Array in ITK index order (i, j, k) with the matching RAS+ affine, like nibabel gives for NIfTI."""
     components = image.GetNumberOfComponentsPerPixel()
     if components != 1:
-        raise VolumeError(
+        raise _error(
             path, f"{components} values per voxel (colour or vector image); need a scalar volume"
         )
     size = image.GetSize()
@@ -200,7 +687,7 @@ def _sitk_to_array_affine(path: Path, image: sitk.Image) -> tuple[np.ndarray, np
     try:
         array = sitk.GetArrayViewFromImage(image).transpose(2, 1, 0).astype(np.float32)
     except Exception as exc:
-        raise VolumeError(path, f"unsupported voxel type ({_short(exc, path)})") from exc
+        raise _error(path, f"unsupported voxel type ({_short(exc, path)})") from exc
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     affine = np.eye(4)
     affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(image.GetSpacing())
@@ -208,47 +695,116 @@ def _sitk_to_array_affine(path: Path, image: sitk.Image) -> tuple[np.ndarray, np
     return array, affine
 
 
-def _read_numpy(path: Path, ext: str) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        if ext == ".npy":
-            return np.load(path, allow_pickle=False), np.eye(4)
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except Exception as exc:
-        raise VolumeError(path, f"not a readable NumPy file ({_short(exc, path)})") from exc
-    images = [key for key in arrays if key != "affine"]
-    if len(images) == 1:
-        key = images[0]
+_PICKLE_HINT = "refusing to unpickle (a pickle can run arbitrary code); save a plain numeric array"
+
+
+def _npy_header(path: Path, stream) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from an .npy header, refusing object dtypes before any data is read."""
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
     else:
-        key = next((k for k in NPZ_IMAGE_KEYS if k in arrays), None)
-        if key is None:
-            names = ", ".join(sorted(arrays)) or "none"
-            raise VolumeError(
-                path, f"cannot tell which array is the image (arrays: {names}); name it 'image'"
-            )
-    affine = arrays.get("affine", np.eye(4))
-    if np.shape(affine) != (4, 4):
-        raise VolumeError(path, f"'affine' has shape {np.shape(affine)}; expected 4x4")
-    return arrays[key], np.asarray(affine, dtype=np.float64)
+        shape, _, dtype = np.lib.format._read_array_header(stream, version)
+    if dtype.hasobject:
+        raise _error(path, f"holds Python objects (dtype {dtype}); {_PICKLE_HINT}")
+    return tuple(int(n) for n in shape), dtype
+
+
+def _read_numpy(path: Path, ext: str, file_size: int) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic[:1] == b"\x80":
+        raise _error(path, f"holds pickled Python data, not an array; {_PICKLE_HINT}")
+    if ext == ".npy":
+        if magic.startswith(b"PK\x03\x04"):
+            raise _error(path, "is a zip archive (an .npz?), not an .npy file")
+        if magic != b"\x93NUMPY":
+            raise _error(path, "not a readable NumPy file (no .npy magic number)")
+        try:
+            with open(path, "rb") as f:
+                shape, dtype = _npy_header(path, f)
+                _check_numpy_array(path, shape, dtype, file_size - f.tell())
+                f.seek(0)
+                array = np.lib.format.read_array(f, allow_pickle=False)
+        except VolumeError:
+            raise
+        except Exception as exc:
+            raise _error(path, f"not a readable NumPy file ({_short(exc, path)})") from exc
+        return array, np.eye(4)
+    if magic == b"\x93NUMPY":
+        raise _error(path, "is an .npy file, not an .npz archive")
+    try:
+        archive = zipfile.ZipFile(path)
+    except Exception as exc:
+        raise _error(path, f"not a readable NumPy .npz archive ({_short(exc, path)})") from exc
+    with archive:
+        try:
+            members = {
+                info.filename[: -len(".npy")]: info for info in archive.infolist() if info.filename.endswith(".npy")
+            }
+            images = [key for key in members if key != "affine"]
+            if len(images) == 1:
+                key = images[0]
+            else:
+                key = next((k for k in NPZ_IMAGE_KEYS if k in members), None)
+                if key is None:
+                    names = ", ".join(sorted(members)) or "none"
+                    raise _error(path, f"cannot tell which array is the image (arrays: {names}); name it 'image'")
+            array = _read_npz_member(path, archive, members[key])
+            affine = _read_npz_member(path, archive, members["affine"]) if "affine" in members else np.eye(4)
+        except VolumeError:
+            raise
+        except Exception as exc:
+            raise _error(path, f"not a readable NumPy .npz archive ({_short(exc, path)})") from exc
+    if np.shape(affine) != (4, 4) or not (np.issubdtype(affine.dtype, np.number) and not np.iscomplexobj(affine)):
+        raise _error(path, f"'affine' is {affine.dtype} of shape {np.shape(affine)}; expected 4x4 real numbers")
+    return array, np.asarray(affine, dtype=np.float64)
+
+
+def _read_npz_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    what = f"member {info.filename!r}"
+    with archive.open(info) as stream:
+        shape, dtype = _npy_header(path, stream)
+        header = stream.tell() if stream.seekable() else 0
+    available = max(info.file_size - header, 0)
+    _check_numpy_array(path, shape, dtype, available, what=what, volume=not info.filename.startswith("affine"))
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > _DEFLATE_MAX_RATIO * info.compress_size + 1024:
+        raise _error(path, f"{what} claims {_human(info.file_size)} from {_human(info.compress_size)} compressed; corrupt archive")
+    with archive.open(info) as stream:
+        return np.lib.format.read_array(stream, allow_pickle=False)
+
+
+def _check_numpy_array(
+    path: Path, shape: tuple[int, ...], dtype: np.dtype, available: int, what: str = "the file", volume: bool = True
+) -> None:
+    if volume:
+        _check_dims(path, shape)
+    _check_declared_size(path, shape, dtype.itemsize, str(dtype), available, what=what)
 
 
 def _check_dims(path: Path, shape: tuple[int, ...]) -> None:
     """Raise for a shape that is not a 3D volume once trailing singleton dimensions are dropped."""
-    dims = list(shape)
+    dims = [int(n) for n in shape]
     while len(dims) > 3 and dims[-1] == 1:
         dims.pop()
-    text = "x".join(str(n) for n in shape)
+    text = "x".join(str(n) for n in shape) or "()"
+    if any(n <= 0 for n in dims):
+        raise _error(path, f"empty image (shape {text}); need a 3D volume")
     if len(dims) > 3:
-        raise VolumeError(path, f"{len(dims)}D image (shape {text}); need a single 3D volume")
+        raise _error(path, f"{len(dims)}D image (shape {text}); need a single 3D volume")
     if len(dims) < 3 or min(dims) <= 1:
-        raise VolumeError(path, f"2D image (shape {text}); need a 3D volume")
+        raise _error(path, f"{min(len(dims), 2)}D image (shape {text}); need a 3D volume")
 
 
 def _as_3d_volume(path: Path, array: np.ndarray, affine: np.ndarray) -> Volume:
+    if not isinstance(array, np.ndarray):
+        raise _error(path, f"holds a {type(array).__name__}, not an array")
     _check_dims(path, array.shape)
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or np.iscomplexobj(array):
-        raise VolumeError(path, f"unsupported voxel type {array.dtype}; need real numbers")
+        raise _error(path, f"unsupported voxel type {array.dtype}; need real numbers")
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise VolumeError(path, "degenerate affine (non-finite or zero voxel size)")
+        raise _error(path, "degenerate affine (non-finite or zero voxel size)")
     array = array.reshape(array.shape[:3])
     return Volume(np.ascontiguousarray(array, dtype=np.float32), np.asarray(affine, dtype=np.float64))

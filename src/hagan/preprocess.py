@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from hagan import __version__
 from hagan.errors import HaganError, NoUsableVolumesError, VolumeError
-from hagan.io import Volume, atomic_path, list_volume_paths, read_volume, volume_stem
+from hagan.io import Volume, atomic_path, display_path, list_volume_paths, read_volume, volume_stem
 
 CANONICAL_AXCODES = ("S", "A", "R")
 BACKGROUND = -1.0
@@ -206,8 +206,29 @@ def preprocess_volume(
 
     ``min_size`` (pad mode only; default ``size // 2``) rejects volumes that would be mostly
     padding; ``source`` names the volume in VolumeErrors.
+    Every problem with the volume itself is a VolumeError (never another exception type).
     """
-    return _preprocess(volume, recipe, size, mode, trim, min_size, source)[0]
+    return _preprocess_guarded(volume, recipe, size, mode, trim, min_size, source)[0]
+
+
+def _preprocess_guarded(
+    volume: Volume, recipe: str, size: int, mode: str, trim: bool, min_size: int | None, source: str
+) -> tuple[Volume, int]:
+    """_preprocess with a printable ``source`` and any unforeseen failure turned into a VolumeError.
+
+    Hostile values (NaN, infinities, float32 extremes, odd geometry) are handled explicitly; the
+    guard is the last line so that one strange volume cannot take down a folder run. The original
+    exception stays attached as the cause (``hagan --debug`` shows it).
+    """
+    source = display_path(source)
+    try:
+        with np.errstate(all="ignore"):
+            return _preprocess(volume, recipe, size, mode, trim, min_size, source)
+    except HaganError:
+        raise
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:160]
+        raise VolumeError(source, f"preprocessing failed ({type(exc).__name__}: {detail})") from exc
 
 
 @dataclass
@@ -373,10 +394,10 @@ def preprocess_folder(
     if (labels_csv is None) != (label_column is None):
         raise HaganError("labels need both a labels CSV and a label column")
     if isinstance(src, (str, os.PathLike)):
-        source_name = str(src)
+        source_name = display_path(src)
         paths = list_volume_paths(src)
     else:
-        paths = [Path(p) for p in src]
+        paths = [Path(os.fsdecode(os.fspath(p))) for p in src]
         source_name = f"{len(paths)} listed paths"
     labels = _read_labels(Path(labels_csv), label_column) if labels_csv is not None else None
     dst = Path(dst)
@@ -388,7 +409,7 @@ def preprocess_folder(
     for path in tqdm(paths, desc="preprocess", unit="vol", disable=not progress):
         try:
             volume = read_volume(path)
-            cube, trimmed = _preprocess(volume, recipe, size, mode, trim, min_size, str(path))
+            cube, trimmed = _preprocess_guarded(volume, recipe, size, mode, trim, min_size, str(path))
         except VolumeError as exc:
             report.bad.append((exc.path, exc.reason))
             continue
@@ -396,7 +417,7 @@ def preprocess_folder(
         if labels is not None:
             found = _lookup_label(labels, path)
             if found is None:
-                report.warnings.append(f"{path}: no label in {labels_csv}; using -1")
+                report.warnings.append(f"{display_path(path)}: no label in {display_path(labels_csv)}; using -1")
             else:
                 label = found
         name = _unique_name(path, taken)
@@ -414,7 +435,7 @@ def preprocess_folder(
             }
         )
         report.entries.append(
-            CacheEntryReport(name, str(path), volume.array.shape, volume.spacing, trimmed, label)
+            CacheEntryReport(name, display_path(path), volume.array.shape, volume.spacing, trimmed, label)
         )
 
     if not entries:
