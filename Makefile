@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e '.[test,dicom]'
+	$(BIN)/python -m pip install --quiet --no-deps deepbet==1.0.2
 	touch $@
 
 demo: install
