@@ -163,3 +163,36 @@ def test_penalties_on_a_linear_critic():
         return a.flatten(1) @ w + 2 * b.flatten(1).sum(1)
 
     assert float(r1_penalty(two_input_critic, [real, torch.zeros(5, 3)])) == pytest.approx(25.0 + 12.0)
+
+
+def test_update_refuses_non_finite_loss_or_gradient_before_stepping():
+    from hagan.models.base import DivergenceError
+
+    model = tiny_model()
+    before = snapshot(model.high_disc)
+    real = batch()["image"]
+    r = model.normalised_start(0)
+    logit = model.discriminate(model.real_slab(real, 0), model.low_res(real), r)[0]
+    with pytest.raises(DivergenceError, match=r"non-finite loss in the D step \(loss/D = nan\)"):
+        model.update("D", logit.mean() * float("nan"))
+    logit = model.discriminate(model.real_slab(real, 0), model.low_res(real), r)[0]
+    weight = model.high_disc.adv.parametrizations.weight.original
+    poisoned = weight.sum()
+    poisoned.register_hook(lambda g: g * float("inf"))  # a finite loss whose gradient is not
+    with pytest.raises(DivergenceError, match="non-finite gradient in the D step"):
+        model.update("D", logit.mean() + 0 * poisoned)
+    assert not changed(model.high_disc, before)
+    logit = model.discriminate(model.real_slab(real, 0), model.low_res(real), r)[0]
+    assert model.update("D", logit.mean()) == pytest.approx(float(logit.mean().detach()))
+    assert changed(model.high_disc, before)
+
+
+def test_train_latent_is_this_ranks_shard_of_the_global_batch():
+    from hagan.distributed import DistContext
+
+    model = tiny_model()
+    whole = model.train_latent(4, torch.Generator().manual_seed(3))
+    model.dist = DistContext(rank=1, world_size=2)
+    rng = torch.Generator().manual_seed(3)
+    torch.testing.assert_close(model.train_latent(2, rng), whole[2:])
+    assert torch.equal(rng.get_state(), (g := torch.Generator().manual_seed(3), torch.randn(4, 16, generator=g))[0].get_state())

@@ -67,6 +67,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     max_minutes: float = 0.0
+    deterministic: bool = False
+    on_divergence: str = "stop"
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
 
 
 @dataclass
@@ -171,8 +175,25 @@ def validate(config: Config, source: str = "config") -> None:
         problems.append(f"train.max_minutes must not be negative (0 means no limit), got {t.max_minutes}")
     if not 0 <= loss.diffaug_p <= 1 or not 0 <= loss.ada_target < 1:
         problems.append("loss.diffaug_p must lie in [0, 1] and loss.ada_target in [0, 1)")
+    if t.on_divergence not in ("stop", "rollback"):
+        problems.append(f"train.on_divergence must be 'stop' or 'rollback', got {t.on_divergence!r}")
+    if not 0 < t.rollback_lr_factor < 1:
+        problems.append(f"train.rollback_lr_factor must lie in (0, 1), got {t.rollback_lr_factor}")
+    if t.max_rollbacks < 0:
+        problems.append(f"train.max_rollbacks must not be negative, got {t.max_rollbacks}")
     if problems:
         raise HaganError(f"{source}: " + "; ".join(problems))
+
+
+def check_world_size(config: Config, world_size: int) -> None:
+    """Data parallelism splits the global ``optim.batch_size`` evenly over the processes."""
+    b = config.optim.batch_size
+    if world_size > 1 and b % world_size:
+        raise HaganError(
+            f"optim.batch_size {b} does not divide across {world_size} processes (optim.batch_size is the "
+            f"global batch, split evenly over the ranks); use a multiple of {world_size}, e.g. "
+            f"{max(world_size, b // world_size * world_size)} or {(b // world_size + 1) * world_size}"
+        )
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:

@@ -108,37 +108,138 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
     return sorted(int(i) for i in order[n_val:]), sorted(int(i) for i in order[:n_val])
 
 
-class _EndlessBatches:
-    """Batch sampler: seeded reshuffle every epoch, full batches only; with fewer items than a
-    batch, batches are drawn with replacement so a tiny dataset still trains."""
+_MIX = 0x9E3779B97F4A7C15
+_MASK = (1 << 63) - 1
 
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n = n
-        self.batch_size = batch_size
-        self.generator = torch.Generator().manual_seed(seed)
 
-    def __iter__(self) -> Iterator[list[int]]:
+def _mix(*values: int) -> int:
+    """A deterministic 63-bit seed from integers (no Python hash randomisation)."""
+    h = 0x2545F4914F6CDD1D
+    for v in values:
+        h = ((h ^ (int(v) & _MASK)) * _MIX + 0x632BE59BD9B4E019) & ((1 << 64) - 1)
+        h ^= h >> 29
+    return h & _MASK
+
+
+def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The global batches of one epoch: a seeded permutation cut into full batches; with fewer items
+    than a batch, one batch drawn with replacement per epoch, so a tiny dataset still trains."""
+    generator = torch.Generator().manual_seed(_mix(seed, epoch))
+    if n < batch_size:
+        return [torch.randint(n, (batch_size,), generator=generator).tolist()]
+    order = torch.randperm(n, generator=generator).tolist()
+    return [order[start : start + batch_size] for start in range(0, n - batch_size + 1, batch_size)]
+
+
+class _SeededItems(Dataset):
+    """Items addressed as (index, item seed): a seeded random transform (``VolumeAugment(seed=...)``)
+    is re-seeded per item, so augmentation depends only on the loader's position, whatever the
+    number of workers or ranks, and is restored exactly with the loader state."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, item_seed = key
+        generator = getattr(getattr(self.dataset, "transform", None), "_generator", None)
+        if isinstance(generator, torch.Generator):
+            generator.manual_seed(item_seed)
+        return self.dataset[index]
+
+
+class _BatchKeys:
+    """Batch sampler over (index, item seed) keys from a given (epoch, position) on, this rank's shard."""
+
+    def __init__(self, loader: "InfiniteLoader", epoch: int, position: int):
+        self.loader, self.epoch, self.position = loader, epoch, position
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, position = self.epoch, self.position
         while True:
-            if self.n < self.batch_size:
-                yield torch.randint(self.n, (self.batch_size,), generator=self.generator).tolist()
-                continue
-            order = torch.randperm(self.n, generator=self.generator).tolist()
-            for start in range(0, self.n - self.batch_size + 1, self.batch_size):
-                yield order[start : start + self.batch_size]
+            batches = self.loader.epoch_batches(epoch)
+            while position < len(batches):
+                yield self.loader.shard_keys(batches[position], epoch, position)
+                position += 1
+            epoch, position = epoch + 1, 0
+
+
+class InfiniteLoader:
+    """Batches forever (training counts iterations, not epochs), with a resumable state.
+
+    The state is ``{"epoch", "position"}`` (plus the seed it was made with): the permutation of an
+    epoch is a pure function of (seed, epoch), so restoring the state replays exactly the batches, and
+    the per-item augmentation, an uninterrupted run would have drawn. ``batch_size`` is the global
+    batch; under data parallelism each of ``world_size`` ranks yields its contiguous shard
+    ``[rank * b, (rank + 1) * b)`` of it, b = batch_size / world_size.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if len(dataset) == 0:
+            raise HaganError("cannot draw batches from an empty dataset")
+        if batch_size < 1:
+            raise HaganError(f"batch size must be at least 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise HaganError(f"rank {rank} is not in a world of {world_size}")
+        if batch_size % world_size:
+            raise HaganError(
+                f"optim.batch_size {batch_size} does not divide across {world_size} processes; "
+                f"use a multiple of {world_size}"
+            )
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, int(seed)
+        self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
+        self.local_batch = batch_size // world_size
+        self.epoch, self.position = 0, 0
+        self._cache: tuple[int, list[list[int]]] | None = None
+        self._iterator: Iterator[dict] | None = None
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, _epoch_batches(len(self.dataset), self.batch_size, self.seed, epoch))
+        return self._cache[1]
+
+    def shard_keys(self, batch: list[int], epoch: int, position: int) -> list[tuple[int, int]]:
+        begin = self.rank * self.local_batch
+        return [(batch[slot], _mix(self.seed, epoch, position, slot))
+                for slot in range(begin, begin + self.local_batch)]
+
+    def __iter__(self) -> "InfiniteLoader":
+        return self
+
+    def __next__(self) -> dict:
+        if self._iterator is None:
+            self._iterator = iter(DataLoader(
+                _SeededItems(self.dataset),
+                batch_sampler=_BatchKeys(self, self.epoch, self.position),
+                num_workers=self.num_workers,
+            ))
+        batch = next(self._iterator)
+        self.position += 1
+        if self.position >= len(self.epoch_batches(self.epoch)):
+            self.epoch, self.position = self.epoch + 1, 0
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the next batch comes from; JSON-serialisable."""
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if int(state.get("batch_size", self.batch_size)) != self.batch_size:
+            raise HaganError(
+                f"the saved data order is for optim.batch_size {state['batch_size']}, not {self.batch_size}; "
+                "resume with the batch size the run was started with"
+            )
+        self.seed = int(state.get("seed", self.seed))
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._cache, self._iterator = None, None
 
 
 def infinite_loader(
-    dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0
-) -> Iterator[dict]:
-    """Yield batches forever (training counts iterations, not epochs); same seed, same batches."""
-    if len(dataset) == 0:
-        raise HaganError("cannot draw batches from an empty dataset")
-    if batch_size < 1:
-        raise HaganError(f"batch size must be at least 1, got {batch_size}")
-    loader = DataLoader(
-        dataset,
-        batch_sampler=_EndlessBatches(len(dataset), batch_size, seed),
-        num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    yield from loader
+    dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, rank: int = 0, world_size: int = 1
+) -> InfiniteLoader:
+    """Yield batches forever; same seed, same batches. The returned loader has ``state_dict`` /
+    ``load_state_dict`` for exact resumption, and shards the global batch across ranks."""
+    return InfiniteLoader(dataset, batch_size, seed, num_workers, rank, world_size)

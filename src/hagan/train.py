@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,12 +16,14 @@ import torch
 from tqdm import tqdm
 
 from .augment import VolumeAugment
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from .config import Config, save_yaml
+from .checkpoint import clean_partial, list_checkpoints, load_checkpoint, save_checkpoint
+from .config import Config, check_world_size, save_yaml
 from .data import CachedVolumeDataset, infinite_loader
+from .distributed import DistContext, device_for, env_world_size, from_env
 from .errors import HaganError
 from .io import atomic_path
 from .models import build_model
+from .models.base import DivergenceError
 from .viz import montage_tensor, plot_curves, three_plane_montage
 
 CONFIG_FILE = "config.yaml"
@@ -51,14 +55,38 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     series: dict[str, list[tuple[int, float]]] = {}
     path = Path(run_dir) / SCALARS_FILE
     if path.is_file():
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
-            record = json.loads(line)
+        for record in _scalar_records(path):
             for key, value in record.items():
                 if key != "iteration":
                     series.setdefault(key, []).append((record["iteration"], value))
     return series
+
+
+def _scalar_records(path: Path) -> list[dict[str, Any]]:
+    """Complete records only: a run killed mid-write may leave a truncated last line."""
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("iteration"), int):
+            records.append(record)
+    return records
+
+
+def truncate_scalars(run_dir: Path, iteration: int) -> None:
+    """Drop logged records after ``iteration`` (those a resumed or rolled-back run logs again)."""
+    path = Path(run_dir) / SCALARS_FILE
+    if not path.is_file():
+        return
+    kept = [r for r in _scalar_records(path) if r["iteration"] <= iteration]
+    tmp = atomic_path(path)
+    try:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class StopRequested:
@@ -95,26 +123,60 @@ def prepare_run_dir(run_dir: Path, config: Config, resume: bool) -> Config:
 
 
 class Trainer:
-    def __init__(self, config: Config, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True):
+    """Trains ``config`` into ``run_dir``; under torchrun one Trainer per rank (``dist``), rank 0 writes.
+
+    Resuming restores everything that decides the next iteration: weights (with spectral-norm
+    buffers), optimizer states, the trainer's random stream, the data order (loader epoch and
+    position; augmentation is seeded per item from it) and the model's extra state (ADA's p), so
+    N iterations straight and N/2 + resume + N/2 give the same weights (bitwise on CPU with
+    ``train.deterministic``).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        run_dir: str | os.PathLike,
+        resume: bool = False,
+        progress: bool = True,
+        dist: DistContext | None = None,
+    ):
+        self.dist = dist or DistContext()
+        check_world_size(config, self.dist.world_size)
         self.run_dir = Path(run_dir)
-        self.config = prepare_run_dir(self.run_dir, config, resume)
-        self.resume = resume
-        self.progress = progress
-        self.device = pick_device(config.train.device)
+        self.device = pick_device(device_for(self.dist, config.train.device))
         if not config.data.cache:
             raise HaganError("no training data: pass --data CACHE (a folder written by `hagan preprocess`)")
+        self.config = config
+        self.dist.on_main(lambda: prepare_run_dir(self.run_dir, config, resume))
+        self.resume = resume
+        self.progress = progress and self.dist.is_main
+        self.stopped_by_signal = False
         transform = VolumeAugment(seed=config.train.seed) if config.data.augment else None
         self.dataset = CachedVolumeDataset(config.data.cache, transform=transform)
         self._check_data()
+        if config.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.manual_seed(config.train.seed)
         self.model = build_model(config).to(self.device)
+        self.model.dist = self.dist
         self.optimizers = self.model.optimizers()
         self.rng = torch.Generator().manual_seed(config.train.seed)
+        self.loader = self._make_loader(config.train.seed)
         self.start_iteration = 0
+        self.rollbacks = 0
+        self.lr_scale = 1.0
         if resume:
             self._load_latest()
-        save_yaml(config, self.run_dir / CONFIG_FILE)
-        write_json(self.run_dir / GEOMETRY_FILE, self.geometry())
+        # every rank starts from rank 0's parameters and buffers, as DistributedDataParallel does
+        self.dist.broadcast_module(self.model)
+        if self.dist.is_main:
+            save_yaml(config, self.run_dir / CONFIG_FILE)
+            write_json(self.run_dir / GEOMETRY_FILE, self.geometry())
+        self.dist.barrier()
+
+    def _make_loader(self, seed: int):
+        return infinite_loader(self.dataset, self.config.optim.batch_size, seed=seed,
+                               rank=self.dist.rank, world_size=self.dist.world_size)
 
     def _check_data(self) -> None:
         m = self.config.model
@@ -142,20 +204,115 @@ class Trainer:
             "num_classes": self.config.model.num_classes,
         }
 
+    # ----- checkpoints -------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def _latest_checkpoint_name(self, clean: bool = False) -> str | None:
+        """Rank 0 decides which checkpoint every rank restores."""
+        def pick() -> str | None:
+            if clean:
+                clean_partial(self.checkpoint_dir)
+            found = list_checkpoints(self.checkpoint_dir)
+            return found[-1].name if found else None
+        return self.dist.on_main(pick)
+
     def _load_latest(self) -> None:
-        checkpoints = list_checkpoints(self.run_dir / "checkpoints")
-        if not checkpoints:
+        name = self._latest_checkpoint_name(clean=True)
+        if name is None:
             raise HaganError(f"{self.run_dir}: no complete checkpoint to resume from")
-        state = load_checkpoint(checkpoints[-1], self.model, self.optimizers, self.rng)
+        self.start_iteration = self._restore(self.checkpoint_dir / name)
+        if self.dist.is_main:
+            truncate_scalars(self.run_dir, self.start_iteration)
+
+    def _restore(self, checkpoint: Path) -> int:
+        state = load_checkpoint(checkpoint, self.model, self.optimizers, self.rng)
         self.model.load_extra_state(state.get("extra", {}))
-        self.start_iteration = int(state["iteration"])
+        iteration = int(state["iteration"])
+        if "loader" in state:
+            self.loader = self._make_loader(int(state["loader"].get("seed", self.config.train.seed)))
+            self.loader.load_state_dict(state["loader"])
+        else:  # checkpoints written before the loader had a state
+            self.loader = self._make_loader(self.config.train.seed + iteration)
+        self.rollbacks = int(state.get("rollbacks", 0))
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        return iteration
 
-    def save(self, iteration: int) -> Path:
-        return save_checkpoint(
-            self.run_dir / "checkpoints", iteration, self.model, self.optimizers, self.rng,
-            {"extra": self.model.extra_state()}, self.config.train.keep_checkpoints,
-        )
+    def training_state(self) -> dict[str, Any]:
+        """What a checkpoint's state.json holds besides the iteration."""
+        return {"extra": self.model.extra_state(), "loader": self.loader.state_dict(),
+                "rollbacks": self.rollbacks, "lr_scale": self.lr_scale, "world_size": self.dist.world_size}
 
+    def save(self, iteration: int) -> Path | None:
+        """Rank 0 writes the checkpoint; the other ranks wait until it is complete."""
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(
+                self.checkpoint_dir, iteration, self.model, self.optimizers, self.rng,
+                self.training_state(), self.config.train.keep_checkpoints,
+            )
+        self.dist.barrier()
+        return path
+
+    def _snapshot(self, iteration: int) -> dict[str, Any]:
+        """The starting state in memory: what a rollback returns to before the first checkpoint."""
+        return {
+            "iteration": iteration,
+            "model": copy.deepcopy(self.model.state_dict()),
+            "optimizers": {k: copy.deepcopy(o.state_dict()) for k, o in self.optimizers.items()},
+            "rng": self.rng.get_state(),
+            "state": copy.deepcopy(self.training_state()),
+        }
+
+    def _restore_snapshot(self, snap: dict[str, Any]) -> int:
+        self.model.load_state_dict(snap["model"])
+        for key, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(copy.deepcopy(snap["optimizers"][key]))
+        self.rng.set_state(snap["rng"])
+        state = snap["state"]
+        self.model.load_extra_state(copy.deepcopy(state["extra"]))
+        self.loader = self._make_loader(state["loader"]["seed"])
+        self.loader.load_state_dict(state["loader"])
+        self.lr_scale = float(state["lr_scale"])
+        return int(snap["iteration"])
+
+    def rollback(self, err: DivergenceError, snapshot: dict[str, Any] | None) -> int:
+        """Stop with the divergence message, or return to the last good state with lower learning rates."""
+        t = self.config.train
+        hint = ("; lower the learning rates, enable loss.r1_gamma / loss.diffaug, or set "
+                "train.on_divergence: rollback")
+        if t.on_divergence != "rollback":
+            raise HaganError(err.describe() + hint)
+        if self.rollbacks >= t.max_rollbacks:
+            raise HaganError(
+                f"{err.describe()}; gave up after {self.rollbacks} rollback(s) (train.max_rollbacks = {t.max_rollbacks})"
+            )
+        rollbacks, scale = self.rollbacks + 1, self.lr_scale * t.rollback_lr_factor
+        name = self._latest_checkpoint_name()
+        if name is not None:
+            iteration = self._restore(self.checkpoint_dir / name)
+            source = name
+        elif snapshot is not None:
+            iteration = self._restore_snapshot(snapshot)
+            source = f"the start (iteration {iteration})"
+        else:  # pragma: no cover - fit always keeps a snapshot until the first checkpoint
+            raise HaganError(err.describe() + "; no checkpoint to roll back to")
+        restored_scale = self.lr_scale
+        for optimizer in self.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * scale / restored_scale
+        self.rollbacks, self.lr_scale = rollbacks, scale
+        if self.dist.is_main:
+            truncate_scalars(self.run_dir, iteration)
+            print(
+                f"{err.describe()}; rolled back to {source} with the learning rates x{scale:g} of the configured "
+                f"(rollback {rollbacks} of at most {t.max_rollbacks})",
+                file=sys.stderr,
+            )
+        return iteration
+
+    # ----- training ----------------------------------------------------------------------------
     def write_samples(self, iteration: int, writer: Any) -> None:
         self.model.eval()
         rng = torch.Generator().manual_seed(SAMPLE_SEED)
@@ -165,20 +322,55 @@ class Trainer:
         three_plane_montage([v[0].numpy() for v in volumes], self.run_dir / "samples" / f"iter_{iteration:08d}.png")
         writer.add_image("samples", montage_tensor(volumes), iteration)
 
+    def _average_logs(self, logs: dict[str, float]) -> dict[str, float]:
+        """Rank-averaged scalars, so every rank logs and judges divergence on the same numbers."""
+        if not self.dist.enabled:
+            return logs
+        keys = sorted(logs)
+        values = self.dist.all_reduce_mean(torch.tensor([logs[k] for k in keys], dtype=torch.float64,
+                                                        device=self._comm_device))
+        return dict(zip(keys, values.tolist()))
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def _should_stop(self, stop: StopRequested, deadline: float) -> bool:
+        """A signal or the time limit on any rank stops all ranks after the same iteration."""
+        local = stop.requested or time.perf_counter() >= deadline
+        if not self.dist.enabled:
+            return local
+        flag = torch.tensor([1.0 if local else 0.0], device=self._comm_device)
+        return bool(self.dist.all_reduce_max(flag).item() > 0)
+
+    def _writer(self, purge_step: int | None) -> Any:
+        if not self.dist.is_main:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
+
     def fit(self) -> Path:
         """Train until ``train.iterations`` (or ``train.max_minutes``); returns the run folder.
 
-        SIGINT and SIGTERM stop after the current iteration and save a checkpoint.
+        SIGINT and SIGTERM stop after the current iteration and save a checkpoint. NaN or Inf in a loss
+        or gradient stops the run, or rolls it back (``train.on_divergence``).
         """
-        from torch.utils.tensorboard import SummaryWriter
-
         t = self.config.train
         if self.start_iteration >= t.iterations:
             raise HaganError(
                 f"{self.run_dir}: already trained {self.start_iteration} iterations; raise --iterations to continue"
             )
-        loader = infinite_loader(self.dataset, self.config.optim.batch_size, seed=t.seed + self.start_iteration)
-        writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        was_deterministic = torch.are_deterministic_algorithms_enabled()
+        cudnn_benchmark = torch.backends.cudnn.benchmark
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        snapshot = None
+        if t.on_divergence == "rollback" and self._latest_checkpoint_name() is None:
+            snapshot = self._snapshot(self.start_iteration)
+        main = self.dist.is_main
+        writer = self._writer(self.start_iteration if self.resume else None)
         self.model.train()
         iteration = self.start_iteration
         bar = tqdm(total=t.iterations, initial=iteration, desc="train", unit="it", disable=not self.progress,
@@ -186,41 +378,72 @@ class Trainer:
         started = time.perf_counter()
         deadline = started + t.max_minutes * 60 if t.max_minutes else float("inf")
         try:
-            with StopRequested() as stop, open(self.run_dir / SCALARS_FILE, "a") as scalars_file:
-                while iteration < t.iterations and not stop.requested and time.perf_counter() < deadline:
-                    logs = self.model.train_step(next(loader), iteration, self.rng)
+            with StopRequested() as stop:
+                while iteration < t.iterations:
+                    if self._should_stop(stop, deadline):
+                        self.stopped_by_signal = stop.requested
+                        break
+                    try:
+                        logs = self._average_logs(self.model.train_step(next(self.loader), iteration, self.rng))
+                        bad = [k for k, v in logs.items() if not math.isfinite(v)]
+                        if bad:
+                            raise DivergenceError(None, logs[bad[0]], "non-finite value", name=bad[0])
+                    except DivergenceError as err:
+                        err.iteration = iteration + 1
+                        iteration = self.rollback(err, snapshot)
+                        bar.reset(total=t.iterations)
+                        bar.update(iteration)
+                        if writer is not None:
+                            writer.close()
+                            writer = self._writer(iteration)
+                        continue
+                    # spectral norm's power-iteration vectors stay rank 0's (DDP's broadcast_buffers)
+                    self.dist.broadcast_module(self.model, buffers_only=True)
                     iteration += 1
-                    bad = [k for k, v in logs.items() if not math.isfinite(v)]
-                    if bad:
-                        raise HaganError(
-                            f"training diverged at iteration {iteration}: {bad[0]} = {logs[bad[0]]}; "
-                            "lower the learning rates or enable loss.r1_gamma / loss.diffaug"
-                        )
                     bar.update(1)
-                    if iteration % t.log_every == 0 or iteration == t.iterations:
+                    if main and (iteration % t.log_every == 0 or iteration == t.iterations):
                         bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in logs.items() if k.startswith("loss/")})
                         logs["speed/it_per_s"] = (iteration - self.start_iteration) / (time.perf_counter() - started)
                         for key, value in logs.items():
                             writer.add_scalar(key, value, iteration)
-                        scalars_file.write(json.dumps({"iteration": iteration, **logs}) + "\n")
-                        scalars_file.flush()
-                    if iteration % t.sample_every == 0:
+                        with open(self.run_dir / SCALARS_FILE, "a") as scalars_file:
+                            scalars_file.write(json.dumps({"iteration": iteration, **logs}) + "\n")
+                    if main and iteration % t.sample_every == 0:
                         self.write_samples(iteration, writer)
                     if iteration % t.checkpoint_every == 0:
                         self.save(iteration)
-                if iteration % t.sample_every:
+                        snapshot = None
+                if main and iteration % t.sample_every:
                     self.write_samples(iteration, writer)
         finally:
             bar.close()
-            writer.close()
+            if writer is not None:
+                writer.close()
+            if t.deterministic:
+                torch.use_deterministic_algorithms(was_deterministic)
+                torch.backends.cudnn.benchmark = cudnn_benchmark
         if iteration % t.checkpoint_every:
             self.save(iteration)
-        curves = read_scalars(self.run_dir)
-        if curves:
-            plot_curves(curves, self.run_dir / "curves.png", title=f"{self.run_dir.name}: training curves")
+        self.final_iteration = iteration
+        if main:
+            curves = read_scalars(self.run_dir)
+            if curves:
+                plot_curves(curves, self.run_dir / "curves.png", title=f"{self.run_dir.name}: training curves")
         return self.run_dir
 
 
-def train(config: Config, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> Path:
-    return Trainer(config, run_dir, resume, progress).fit()
-
+def train(
+    config: Config, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
+    dist: DistContext | None = None,
+) -> Path:
+    """Train one run. Under torchrun (WORLD_SIZE > 1 in the environment) this process joins the
+    process group as its rank; ``optim.batch_size`` is then the global batch."""
+    owned = dist is None
+    if owned:
+        check_world_size(config, env_world_size())
+        dist = from_env(config.train.device)
+    try:
+        return Trainer(config, run_dir, resume, progress, dist=dist).fit()
+    finally:
+        if owned:
+            dist.close()

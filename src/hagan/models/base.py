@@ -9,6 +9,24 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Config
+from ..distributed import DistContext, sync_gradients
+from ..errors import HaganError
+
+
+class DivergenceError(HaganError):
+    """A loss or a gradient became NaN or Inf; the optimizer step was not taken."""
+
+    def __init__(self, step: str | None, loss: float, where: str, name: str | None = None):
+        self.step, self.loss, self.where = step, loss, where
+        self.name = name or f"loss/{step}"
+        self.iteration: int | None = None
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        """E.g. ``training diverged at iteration 12: non-finite gradient in the D step (loss/D = 0.71)``."""
+        at = f" at iteration {self.iteration}" if self.iteration is not None else ""
+        step = f" in the {self.step} step" if self.step else ""
+        return f"training diverged{at}: {self.where}{step} ({self.name} = {self.loss})"
 
 
 class GenerativeModel(nn.Module, ABC):
@@ -17,6 +35,7 @@ class GenerativeModel(nn.Module, ABC):
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
+        self.dist = DistContext()  # the trainer sets the real one under torchrun
 
     @abstractmethod
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -36,6 +55,42 @@ class GenerativeModel(nn.Module, ABC):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what ``extra_state`` returned."""
+
+    def update(self, name: str, loss: Tensor) -> float:
+        """One optimizer step: zero_grad, backward, average gradients over ranks, check, step.
+
+        All four of HA-GAN's updates go through here, so data-parallel training has DDP's semantics
+        (gradients averaged over ranks before the step) even with double backward, and NaN or Inf in
+        the loss or a gradient raises :class:`DivergenceError` before the weights are touched.
+        Returns the loss averaged over ranks.
+        """
+        optimizer = self.optimizers()[name]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        value, loss_finite, grads_finite = sync_gradients(self.dist, params, loss)
+        if not loss_finite:
+            raise DivergenceError(name, value, "non-finite loss")
+        if not grads_finite:
+            raise DivergenceError(name, value, "non-finite gradient")
+        optimizer.step()
+        return value
+
+    def train_latent(self, n: int, rng: torch.Generator) -> Tensor:
+        """Latents for this rank's ``n`` items: the global batch's latents are drawn on every rank and
+        each takes its own shard, so k ranks of batch n see the noise one process of batch k*n would."""
+        world, rank = self.dist.world_size, self.dist.rank
+        z = torch.randn(n * world, self.config.model.latent_dim, generator=rng)
+        return z[rank * n : (rank + 1) * n].to(self.device)
+
+    def step_generator(self, rng: torch.Generator) -> torch.Generator:
+        """The stream for per-sample draws of local size (DiffAugment, WGAN-GP mixing): the shared
+        ``rng`` with one process; under torchrun a per-rank stream seeded from one shared draw, so ranks
+        augment their items independently while ``rng`` stays identical on all ranks."""
+        if not self.dist.enabled:
+            return rng
+        seed = int(torch.randint(0, 2**62, (1,), generator=rng))
+        return torch.Generator().manual_seed(seed + 7919 * self.dist.rank)
 
     @property
     def device(self) -> torch.device:

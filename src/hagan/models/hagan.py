@@ -141,7 +141,6 @@ class HAGAN(GenerativeModel):
     def train_step(self, batch: dict[str, Tensor], iteration: int, rng: torch.Generator) -> dict[str, float]:
         """The authors' order: D step, G step, E^H step, E^G step, each updating only its own module."""
         loss_cfg = self.config.loss
-        opt = self.optimizers()
         real = batch["image"].to(self.device)
         onehot = self.onehot(batch["label"]) if self.num_classes else None
         labels = batch["label"].to(self.device) if self.num_classes else None
@@ -151,6 +150,7 @@ class HAGAN(GenerativeModel):
         real_slab = self.real_slab(real, start)
         real_low = self.low_res(real) if self.low_gen is not None else None
         logs: dict[str, float] = {}
+        aug_rng = self.step_generator(rng) if (loss_cfg.diffaug or loss_cfg.kind == "wgan-gp") else rng
 
         # D step
         self.requires_grad_(False)
@@ -158,9 +158,9 @@ class HAGAN(GenerativeModel):
             if module is not None:
                 module.requires_grad_(True)
         with torch.no_grad():
-            fake_slab, fake_low = self.generate_parts(self.latent(b, rng), start, onehot)
-        aug_real = (self.augment(real_slab, rng), self.augment(real_low, rng))
-        aug_fake = (self.augment(fake_slab, rng), self.augment(fake_low, rng))
+            fake_slab, fake_low = self.generate_parts(self.train_latent(b, rng), start, onehot)
+        aug_real = (self.augment(real_slab, aug_rng), self.augment(real_low, aug_rng))
+        aug_fake = (self.augment(fake_slab, aug_rng), self.augment(fake_low, aug_rng))
         real_logit, real_cls = self.discriminate(*aug_real, r)
         fake_logit, _ = self.discriminate(*aug_fake, r)
         d_loss = discriminator_loss(loss_cfg.kind, real_logit, fake_logit)
@@ -172,7 +172,7 @@ class HAGAN(GenerativeModel):
             return self.discriminate(xs[0], xs[1] if len(xs) > 1 else None, r)[0]
 
         if loss_cfg.kind == "wgan-gp":
-            gp = gradient_penalty(critic, inputs_real, inputs_fake, rng)
+            gp = gradient_penalty(critic, inputs_real, inputs_fake, aug_rng)
             d_loss = d_loss + loss_cfg.gp_lambda * gp
             logs["loss/D_gp"] = float(gp.detach())
         if loss_cfg.r1_gamma > 0:
@@ -183,30 +183,27 @@ class HAGAN(GenerativeModel):
             d_cls = F.cross_entropy(real_cls.float(), labels)
             d_loss = d_loss + d_cls
             logs["loss/D_class"] = float(d_cls.detach())
-        opt["D"].zero_grad(set_to_none=True)
-        d_loss.backward()
-        opt["D"].step()
+        logs["loss/D"] = self.update("D", d_loss)
         logs["D/real_logit"] = float(real_logit.detach().mean())
         logs["D/fake_logit"] = float(fake_logit.detach().mean())
         if self.augment_strength is not None:
-            logs["aug/p"] = self.augment_strength.update(real_logit.detach())
+            # ADA's feedback sees the logits of the whole global batch, so p stays the same on all ranks
+            logs["aug/p"] = self.augment_strength.update(self.dist.all_gather_cat(real_logit.detach()))
 
         # G step: a new z, the same r
         self.requires_grad_(False)
         for module in (self.common, self.low_gen, self.high_gen):
             if module is not None:
                 module.requires_grad_(True)
-        fake_slab, fake_low = self.generate_parts(self.latent(b, rng), start, onehot)
-        fake_logit, fake_cls = self.discriminate(self.augment(fake_slab, rng), self.augment(fake_low, rng), r)
+        fake_slab, fake_low = self.generate_parts(self.train_latent(b, rng), start, onehot)
+        fake_logit, fake_cls = self.discriminate(self.augment(fake_slab, aug_rng), self.augment(fake_low, aug_rng), r)
         g_loss = generator_loss(loss_cfg.kind, fake_logit)
         logs["loss/G_adv"] = float(g_loss.detach())
         if fake_cls is not None:
             g_cls = F.cross_entropy(fake_cls.float(), labels)
             g_loss = g_loss + loss_cfg.lambda_class * g_cls
             logs["loss/G_class"] = float(g_cls.detach())
-        opt["G"].zero_grad(set_to_none=True)
-        g_loss.backward()
-        opt["G"].step()
+        self.update("G", g_loss)
 
         if self.slab_encoder is not None:
             logs.update(self.encoder_steps(real, real_slab, real_low, start, onehot))
@@ -217,14 +214,12 @@ class HAGAN(GenerativeModel):
         self, real: Tensor, real_slab: Tensor, real_low: Tensor | None, start: int, onehot: Tensor | None
     ) -> dict[str, float]:
         """E^H reconstructs the slab through frozen G^H (eq. 6); E^G the slab and X^L through frozen G (eq. 7)."""
-        loss_cfg, opt = self.config.loss, self.optimizers()
+        loss_cfg = self.config.loss
         self.requires_grad_(False)
         self.slab_encoder.requires_grad_(True)
         slab_rec = self.high_gen(self.slab_encoder(real_slab))
         e_h = F.l1_loss(slab_rec.float(), real_slab.float())
-        opt["E_H"].zero_grad(set_to_none=True)
-        (loss_cfg.lambda_recon_slab * e_h).backward()
-        opt["E_H"].step()
+        self.update("E_H", loss_cfg.lambda_recon_slab * e_h)
 
         self.slab_encoder.requires_grad_(False)
         self.global_encoder.requires_grad_(True)
@@ -235,9 +230,7 @@ class HAGAN(GenerativeModel):
         e_g = F.l1_loss(slab_rec.float(), real_slab.float())
         if low_rec is not None:
             e_g = (e_g + F.l1_loss(low_rec.float(), real_low.float())) / 2
-        opt["E_G"].zero_grad(set_to_none=True)
-        (loss_cfg.lambda_recon_global * e_g).backward()
-        opt["E_G"].step()
+        self.update("E_G", loss_cfg.lambda_recon_global * e_g)
         return {"loss/E_H": float(e_h.detach()), "loss/E_G": float(e_g.detach())}
 
     def extra_state(self) -> dict[str, Any]:
