@@ -131,3 +131,35 @@ def test_trains_briefly_on_real_ixi_volumes(tmp_path):
                  "--set", "loss.diffaug=translation,cutout", "--set", "loss.r1_gamma=1.0"]) == 0
     volumes = load_run(run).generate(2, seed=0)
     assert volumes.shape == (2, 64, 64, 64) and np.isfinite(volumes).all()
+
+
+def test_evaluate_a_run_against_its_cache(cache, run_dir, tmp_path, capsys):
+    from hagan.errors import HaganError
+    from hagan.evaluation.features import wheel_file
+
+    try:
+        wheel_file("deepbet", "data/models/model.pt", "")
+    except HaganError:
+        pytest.skip("deepbet is not installed")
+    out = tmp_path / "eval"
+    args = ["evaluate", "--real", str(cache / "cache"), "--fake", str(run_dir), "--out", str(out), "--n", "4",
+            "--fid-method", "eigh", "--ms-ssim-volumes", "3"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"fid", "kid_mean", "kid_std", "mmd", "ms_ssim"} <= set(metrics)
+    assert metrics["fid"] > 0 and 0 < metrics["ms_ssim"] <= 1
+    assert "fid" in capsys.readouterr().out.lower()
+
+
+def test_pickle_weights_need_an_explicit_flag(run_dir, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(str(sorted((run_dir / "checkpoints").iterdir())[-1] / "weights.safetensors"))
+    pickled = tmp_path / "weights.pt"
+    torch.save(weights, pickled)
+    args = ["generate", str(run_dir), "--checkpoint", str(pickled), "--n", "1", "--out", str(tmp_path / "g")]
+    assert main(args) == 2
+    assert "pickle" in capsys.readouterr().err
+    assert main([*args, "--allow-pickle"]) == 0
+    assert (tmp_path / "g" / "sample_0000.nii.gz").is_file()

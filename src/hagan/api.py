@@ -38,7 +38,13 @@ def to_output_intensity(array: np.ndarray, recipe: str) -> np.ndarray:
 class Run:
     """A trained model with the geometry and intensity recipe of the data it learned from."""
 
-    def __init__(self, run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None, device: str = "auto"):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        checkpoint: str | os.PathLike | None = None,
+        device: str = "auto",
+        allow_pickle: bool = False,
+    ):
         self.run_dir = Path(run_dir)
         config_path = self.run_dir / CONFIG_FILE
         if not config_path.is_file():
@@ -54,7 +60,8 @@ class Run:
                 raise HaganError(f"{self.run_dir}: no checkpoint yet")
             checkpoint = found[-1]
         self.checkpoint = Path(checkpoint)
-        self.iteration = int(load_checkpoint(self.checkpoint, self.model, None, None)["iteration"])
+        state = load_checkpoint(self.checkpoint, self.model, None, None, allow_pickle=allow_pickle)
+        self.iteration = int(state["iteration"])
         self.model.to(self.device).eval()
 
     @property
@@ -148,6 +155,15 @@ class Run:
         return path
 
 
-def load_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None, device: str = "auto") -> Run:
-    """Open a training run (its latest checkpoint unless one is named) for inference."""
-    return Run(run_dir, checkpoint, device)
+def load_run(
+    run_dir: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    device: str = "auto",
+    allow_pickle: bool = False,
+) -> Run:
+    """Open a training run for inference: its latest checkpoint, or a named checkpoint folder or weights file.
+
+    Weights load from safetensors; a pickle file (.pt/.pth) only with ``allow_pickle``, and then with
+    ``torch.load(weights_only=True)``.
+    """
+    return Run(run_dir, checkpoint, device, allow_pickle)

@@ -52,7 +52,9 @@ def training_overrides(args: argparse.Namespace) -> list[dict]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train import CONFIG_FILE, train
+    from .config import check_world_size
+    from .distributed import env_world_size, from_env
+    from .train import CONFIG_FILE, Trainer
 
     out = Path(args.out)
     if args.resume:
@@ -63,7 +65,19 @@ def cmd_train(args: argparse.Namespace) -> None:
         if args.data is None and args.config is None:
             raise HaganError("pass --data CACHE (a folder written by `hagan preprocess`) or --config FILE")
         config = build_config(args.preset, args.config, training_overrides(args))
-    run_dir = train(config, out, resume=args.resume)
+    # under torchrun: the global batch must split evenly over the processes, checked before any work
+    check_world_size(config, env_world_size())
+    dist = from_env(config.train.device)
+    try:
+        trainer = Trainer(config, out, resume=args.resume, dist=dist)
+        run_dir = trainer.fit()
+    finally:
+        dist.close()
+    if not dist.is_main:
+        return
+    if trainer.stopped_by_signal:
+        print(f"stopped by a signal at iteration {trainer.final_iteration}; checkpoint saved; "
+              f"continue with: hagan train --out {run_dir} --resume")
     print(f"run written to {run_dir} (samples/, curves.png, checkpoints/; tensorboard --logdir {run_dir / 'tensorboard'})")
 
 
@@ -71,9 +85,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .api import load_run
     from .viz import three_plane_montage
 
-    run = load_run(args.run, args.checkpoint, args.device)
+    run = load_run(args.run, args.checkpoint, args.device, args.allow_pickle)
     volumes = run.generate(args.n, seed=args.seed, labels=args.class_label, batch_size=args.batch_size, progress=True)
     paths = run.save(volumes, args.out)
+    run.save_geometry(args.out)
     montage = three_plane_montage(list(volumes[:16]), Path(args.out) / "montage.png",
                                   titles=[p.name for p in paths[:16]])
     print(f"wrote {len(paths)} volumes to {args.out} (iteration {run.iteration}); montage: {montage}")
@@ -108,7 +123,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
     from .api import load_run
     from .io import atomic_path
 
-    run = load_run(args.run, args.checkpoint, args.device)
+    run = load_run(args.run, args.checkpoint, args.device, args.allow_pickle)
     names, volumes = read_for_run(run, args.volumes)
     latents = run.encode(volumes)
     out = Path(args.out)
@@ -134,7 +149,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     from .api import load_run
     from .viz import three_plane_montage
 
-    run = load_run(args.run, args.checkpoint, args.device)
+    run = load_run(args.run, args.checkpoint, args.device, args.allow_pickle)
     names, volumes = read_for_run(run, args.volumes)
     recon = run.reconstruct(volumes, labels=args.class_label)
     run.save(recon, args.out, prefix="reconstruction")
@@ -144,6 +159,51 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     three_plane_montage(pairs, Path(args.out) / "montage.png", titles=titles)
     for name, err in zip(names, l1):
         print(f"{name}: mean absolute error {err:.4f} (intensities in [-1, 1])")
+
+
+def weights_argument(items: list[str] | None) -> dict[str, str] | str | None:
+    """``--weights PATH`` for the MedicalNet feature, or ``--weights FEATURE=PATH`` for a named one."""
+    if not items:
+        return None
+    if len(items) == 1 and "=" not in items[0]:
+        return items[0]
+    named = {}
+    for item in items:
+        if "=" not in item:
+            raise HaganError(f"--weights {item!r}: with several weights files, name each as FEATURE=PATH")
+        feature, path = item.split("=", 1)
+        named[feature] = path
+    return named
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluation import evaluate
+
+    recipe = None if args.recipe == "none" else args.recipe
+    evaluate(
+        args.real, args.fake, args.out, features=args.features, weights=weights_argument(args.weights), n=args.n,
+        seed=args.seed, save_stats=args.save_stats, device=args.device, batch_size=args.batch_size, recipe=recipe,
+        mode=args.mode, allow_unknown_weights=args.allow_unknown_weights, ms_ssim_volumes=args.ms_ssim_volumes,
+        ms_ssim_pairs=args.ms_ssim_pairs, class_label=args.class_label, fid_method=args.fid_method,
+        extractor_options={"inception-2.5d": {"n_slices": args.slices}},
+    )
+    print((Path(args.out) / "metrics.md").read_text())
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import format_row, run_bench, save_bench
+
+    rows = run_bench(
+        models=args.models, sizes=args.sizes, batch_sizes=args.batch_sizes, device=args.device,
+        iterations=args.iterations, warmup=args.warmup, generate_batch=args.generate_batch, width=args.width,
+        config_overrides=[parse_assignment(item) for item in args.set or []], isolate=not args.no_isolate,
+        progress=True, max_seconds=args.max_seconds or None,
+        memory_limit_bytes=int(args.memory_limit_gb * 2**30) if args.memory_limit_gb else None, threads=args.threads,
+    )
+    if args.out:
+        json_path, png_path = save_bench(rows, args.out)
+        print(f"wrote {json_path} and {png_path}")
+    print(json.dumps(rows, indent=2) if args.json else "\n".join(map(format_row, rows)))
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
@@ -223,8 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def run_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("run", help="training run folder")
-        p.add_argument("--checkpoint", help="a checkpoint folder (default: the latest)")
+        p.add_argument("--checkpoint", help="a checkpoint folder or weights file (default: the latest checkpoint)")
         p.add_argument("--device", default="auto")
+        p.add_argument("--allow-pickle", action="store_true",
+                       help="accept a pickle weights file (.pt/.pth), loaded with weights_only; only from sources you trust")
 
     p = sub.add_parser("generate", help="generate full-resolution volumes")
     run_args(p)
@@ -247,6 +309,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--class", dest="class_label", type=int)
     p.set_defaults(func=cmd_reconstruct)
+
+    from .evaluation import FEATURES
+    from .preprocess import FIT_MODES
+
+    p = sub.add_parser("evaluate", help="score generated volumes against real ones (FID, KID, MMD, MS-SSIM)")
+    p.add_argument("--real", required=True, help="cache folder, folder of volumes, or stats .npz from --save-stats")
+    p.add_argument("--fake", required=True, help="folder of generated volumes, or a training run")
+    p.add_argument("--out", required=True, help="folder for metrics.json, metrics.md and figures")
+    p.add_argument("--n", type=int, help="generated volumes to use (default: the real set's size for a run)")
+    p.add_argument("--features", nargs="+", default=["deepbet"], choices=sorted(FEATURES))
+    p.add_argument("--weights", action="append", metavar="[FEATURE=]PATH", help="feature-network weights file")
+    p.add_argument("--allow-unknown-weights", action="store_true", help="accept weights whose sha256 is unpublished")
+    p.add_argument("--save-stats", metavar="PATH", help="also save the real set's feature statistics (.npz)")
+    p.add_argument("--recipe", choices=["ct", "mri", "none"], help="intensity recipe of raw or generated folders")
+    p.add_argument("--mode", choices=FIT_MODES, help="fit mode for a folder of raw real volumes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--fid-method", choices=["sqrtm", "eigh"], default="sqrtm")
+    p.add_argument("--class", dest="class_label", type=int, help="class to generate from a conditional run")
+    p.add_argument("--ms-ssim-volumes", type=int, default=50)
+    p.add_argument("--ms-ssim-pairs", type=int, default=500)
+    p.add_argument("--slices", type=int, default=16, help="slices per plane for inception-2.5d")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("bench", help="training memory and speed, generation time, per resolution and batch size")
+    p.add_argument("--models", nargs="+", default=["hagan"])
+    p.add_argument("--sizes", nargs="+", type=int, default=[32, 64, 128], choices=[32, 64, 128, 256, 512])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[2, 4])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--iterations", type=int, default=5, help="timed training iterations per configuration")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--generate-batch", type=int, default=1)
+    p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1 = the paper's)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config value")
+    p.add_argument("--max-seconds", type=float, default=600, help="time limit per phase (0: none)")
+    p.add_argument("--memory-limit-gb", type=float, help="skip configurations predicted above this (CPU default: 90%% of free RAM)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-isolate", action="store_true", help="measure in this process instead of fresh ones")
+    p.add_argument("--out", help="folder for bench.json and bench.png")
+    p.add_argument("--json", action="store_true", help="print rows as JSON")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("summary", help="parameter count of each module")
     p.add_argument("--preset", choices=sorted(PRESETS))
