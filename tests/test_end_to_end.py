@@ -133,7 +133,7 @@ def test_trains_briefly_on_real_ixi_volumes(tmp_path):
     assert volumes.shape == (2, 64, 64, 64) and np.isfinite(volumes).all()
 
 
-def test_evaluate_a_run_against_its_cache(cache, run_dir, tmp_path, capsys):
+def require_deepbet():
     from hagan.errors import HaganError
     from hagan.evaluation.features import wheel_file
 
@@ -141,6 +141,10 @@ def test_evaluate_a_run_against_its_cache(cache, run_dir, tmp_path, capsys):
         wheel_file("deepbet", "data/models/model.pt", "")
     except HaganError:
         pytest.skip("deepbet is not installed")
+
+
+def test_evaluate_a_run_against_its_cache(cache, run_dir, tmp_path, capsys):
+    require_deepbet()
     out = tmp_path / "eval"
     args = ["evaluate", "--real", str(cache / "cache"), "--fake", str(run_dir), "--out", str(out), "--n", "4",
             "--fid-method", "eigh", "--ms-ssim-volumes", "3"]
@@ -163,3 +167,14 @@ def test_pickle_weights_need_an_explicit_flag(run_dir, tmp_path, capsys):
     assert "pickle" in capsys.readouterr().err
     assert main([*args, "--allow-pickle"]) == 0
     assert (tmp_path / "g" / "sample_0000.nii.gz").is_file()
+
+
+def test_periodic_kid_is_logged_during_training(cache, tmp_path):
+    require_deepbet()
+    run = tmp_path / "run"
+    args = ["train", "--data", str(cache / "cache"), "--out", str(run), "--size", "32", "--iterations", "2",
+            "--batch-size", "2", *TINY, "--set", "train.eval_every=2", "--set", "train.eval_samples=3"]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (run / "scalars.jsonl").read_text().splitlines()]
+    kid = [r for r in records if "eval/kid" in r]
+    assert [r["iteration"] for r in kid] == [2] and np.isfinite(kid[0]["eval/kid"])

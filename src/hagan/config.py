@@ -67,6 +67,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     max_minutes: float = 0.0
+    eval_every: int = 0
+    eval_features: str = "deepbet"
+    eval_samples: int = 16
     deterministic: bool = False
     on_divergence: str = "stop"
     rollback_lr_factor: float = 0.5
@@ -171,6 +174,8 @@ def validate(config: Config, source: str = "config") -> None:
             problems.append(f"{name} must be at least 1, got {value}")
     if m.width <= 0 or m.num_classes < 0:
         problems.append("model.width must be positive and model.num_classes not negative")
+    if t.eval_every < 0 or (t.eval_every and t.eval_samples < 2):
+        problems.append("train.eval_every must not be negative (0: off) and train.eval_samples at least 2")
     if t.max_minutes < 0:
         problems.append(f"train.max_minutes must not be negative (0 means no limit), got {t.max_minutes}")
     if not 0 <= loss.diffaug_p <= 1 or not 0 <= loss.ada_target < 1:

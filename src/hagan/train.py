@@ -322,6 +322,24 @@ class Trainer:
         three_plane_montage([v[0].numpy() for v in volumes], self.run_dir / "samples" / f"iter_{iteration:08d}.png")
         writer.add_image("samples", montage_tensor(volumes), iteration)
 
+    def periodic_kid(self) -> Any:
+        """KID against a fixed real sample, like the authors' validation curve; real features computed once."""
+        from .evaluation import PeriodicKID, build_extractor
+
+        t = self.config.train
+        extractor = build_extractor(t.eval_features, device=str(self.device))
+        return PeriodicKID(self.config.data.cache, extractor, n=t.eval_samples, seed=t.seed)
+
+    def write_kid(self, iteration: int, tracker: Any, writer: Any) -> None:
+        self.model.eval()
+        rng = torch.Generator().manual_seed(SAMPLE_SEED)
+        labels = torch.arange(self.config.train.eval_samples) % self.config.model.num_classes if self.config.model.num_classes else None
+        value = tracker(lambda n: self.model.sample(n, rng, labels).float().cpu())
+        self.model.train()
+        writer.add_scalar("eval/kid", value, iteration)
+        with open(self.run_dir / SCALARS_FILE, "a") as scalars_file:
+            scalars_file.write(json.dumps({"iteration": iteration, "eval/kid": value}) + "\n")
+
     def _average_logs(self, logs: dict[str, float]) -> dict[str, float]:
         """Rank-averaged scalars, so every rank logs and judges divergence on the same numbers."""
         if not self.dist.enabled:
@@ -370,6 +388,7 @@ class Trainer:
         if t.on_divergence == "rollback" and self._latest_checkpoint_name() is None:
             snapshot = self._snapshot(self.start_iteration)
         main = self.dist.is_main
+        kid_tracker = self.periodic_kid() if main and t.eval_every else None
         writer = self._writer(self.start_iteration if self.resume else None)
         self.model.train()
         iteration = self.start_iteration
@@ -410,6 +429,8 @@ class Trainer:
                             scalars_file.write(json.dumps({"iteration": iteration, **logs}) + "\n")
                     if main and iteration % t.sample_every == 0:
                         self.write_samples(iteration, writer)
+                    if kid_tracker is not None and iteration % t.eval_every == 0:
+                        self.write_kid(iteration, kid_tracker, writer)
                     if iteration % t.checkpoint_every == 0:
                         self.save(iteration)
                         snapshot = None
