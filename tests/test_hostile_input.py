@@ -1,7 +1,7 @@
 """Hostile and broken input (issue 8): every bad file is one VolumeError line, never a crash.
 
 The fuzzing uses a derandomised hypothesis profile so that CI runs are repeatable and bounded;
-set HAGAN_FUZZ_SCALE=20 (say) for a longer, randomised local run. docs/reliability-input.md
+set HAGAN_FUZZ_SCALE=20 (say) for a longer, randomised local run. docs/reliability.md
 records the kinds tried, the example counts and the messages.
 """
 
