@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from hagan.errors import HaganError, VolumeError
-from hagan.io import list_volume_paths, read_volume, write_volume
+from hagan.io import atomic_write, list_volume_paths, read_volume, write_json_atomic, write_volume
 
 IXI_T1 = Path(__file__).resolve().parents[2] / "shared" / "data" / "ixi-t1-2mm" / "t1"
 
@@ -267,3 +267,25 @@ def test_ixi_scl_slope_is_applied():
     assert volume.array.dtype == np.float32
     assert volume.array.max() > 1000
     np.testing.assert_allclose(volume.spacing, (2.0, 2.0, 2.0), atol=1e-3)
+
+
+def test_atomic_write_replaces_only_when_the_block_completes(tmp_path):
+    final = tmp_path / "out.nii.gz"
+    final.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(final) as tmp:
+            assert tmp.parent == tmp_path and tmp.name.endswith(".nii.gz") and tmp != final
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert final.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii.gz"]
+    with atomic_write(final) as tmp:
+        tmp.write_text("new")
+    assert final.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii.gz"]
+
+
+def test_atomic_write_creates_the_folder(tmp_path):
+    final = tmp_path / "a" / "b" / "x.json"
+    write_json_atomic(final, {"k": [1, 2]})
+    assert final.read_text() == '{\n  "k": [\n    1,\n    2\n  ]\n}'

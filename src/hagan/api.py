@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .checkpoint import list_checkpoints, load_checkpoint
 from .config import Config, load_yaml
 from .errors import HaganError
-from .io import atomic_path, write_volume
+from .io import write_json_atomic, write_volume
 from .models import GenerativeModel, build_model
 from .train import CONFIG_FILE, GEOMETRY_FILE, pick_device
 
@@ -145,14 +145,7 @@ class Run:
 
     def save_geometry(self, out_dir: str | os.PathLike) -> Path:
         """Copy the run's geometry beside generated volumes, so evaluation knows their recipe."""
-        path = Path(out_dir) / GEOMETRY_FILE
-        tmp = atomic_path(path)
-        try:
-            tmp.write_text(json.dumps(self.geometry, indent=2))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return write_json_atomic(Path(out_dir) / GEOMETRY_FILE, self.geometry)
 
 
 def load_run(

@@ -37,13 +37,13 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from .config import build_config
-from .io import atomic_path
+from .io import atomic_write, write_text_atomic
 from .models import MODELS, build_model
 
 RESULT_MARKER = "HAGAN_BENCH_RESULT "
@@ -305,53 +305,45 @@ def _time_guard(max_seconds: float | None, started: float, first_seconds: float,
         )
 
 
-def _measure_train(model, config, device: str, spec: dict, rng: torch.Generator) -> dict[str, Any]:
+def _time_steps(step: Callable[[int], Any], device: str, spec: dict, what: str) -> tuple[int, float]:
+    """(FLOPs of one step, seconds per timed step): ``step(i)`` is called once counted, never timed,
+    then for the rest of the warm-up (i from 1) and for the timed iterations (i from ``warmup``)."""
     iterations, warmup, max_seconds = spec["iterations"], spec["warmup"], spec.get("max_seconds")
-    batch = _random_batch(config, device, rng)
-    model.train()
     _sync(device)
     _reset_peak(device)
     started = time.perf_counter()
-    # the first iteration counts FLOPs; it is a warm-up iteration, never timed
+    # the first step counts FLOPs; it is a warm-up step, never timed
     t0 = time.perf_counter()
-    _, flops = _counted(lambda: model.train_step(batch, 0, rng))
+    _, flops = _counted(lambda: step(0))
     _sync(device)
     first = time.perf_counter() - t0
-    _time_guard(max_seconds, started, first, max(warmup - 1, 0) + iterations, "training")
+    _time_guard(max_seconds, started, first, max(warmup - 1, 0) + iterations, what)
     for i in range(1, warmup):
-        model.train_step(batch, i, rng)
+        step(i)
     _sync(device)
     t0 = time.perf_counter()
     for i in range(iterations):
-        model.train_step(batch, warmup + i, rng)
+        step(warmup + i)
     _sync(device)
-    seconds = (time.perf_counter() - t0) / iterations
+    return flops, (time.perf_counter() - t0) / iterations
+
+
+def _measure_train(model, config, device: str, spec: dict, rng: torch.Generator) -> dict[str, Any]:
+    batch = _random_batch(config, device, rng)
+    model.train()
+    flops, seconds = _time_steps(lambda i: model.train_step(batch, i, rng), device, spec, "training")
     return {"train_seconds_per_it": seconds, "train_it_per_s": 1.0 / seconds,
             "train_peak_mem_bytes": _peak(device), "flops_per_iteration": flops,
             "tflops": flops / seconds / 1e12 if flops else None}
 
 
 def _measure_generate(model, config, device: str, spec: dict, rng: torch.Generator) -> dict[str, Any]:
-    n, iterations, warmup, max_seconds = spec["generate_batch"], spec["iterations"], spec["warmup"], spec.get("max_seconds")
+    n = spec["generate_batch"]
     labels = torch.zeros(n, dtype=torch.long) if config.model.num_classes else None
     model.eval()
-    _sync(device)
-    _reset_peak(device)
-    started = time.perf_counter()
-    t0 = time.perf_counter()
     with torch.no_grad():
-        _, flops = _counted(lambda: model.sample(n, rng, labels))
-        _sync(device)
-        first = time.perf_counter() - t0
-        _time_guard(max_seconds, started, first, max(warmup - 1, 0) + iterations, "generation")
-        for _ in range(1, warmup):
-            model.sample(n, rng, labels)
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(iterations):
-            model.sample(n, rng, labels)
-        _sync(device)
-    seconds = (time.perf_counter() - t0) / iterations / n
+        flops, seconds = _time_steps(lambda i: model.sample(n, rng, labels), device, spec, "generation")
+    seconds /= n
     flops_per_volume = flops // n
     return {"gen_seconds_per_volume": seconds, "gen_peak_mem_bytes": _peak(device),
             "gen_flops_per_volume": flops_per_volume,
@@ -583,16 +575,6 @@ def format_row(row: dict[str, Any]) -> str:
 
 
 # ----- output ----------------------------------------------------------------------------------------------
-def _atomic_write(final: Path, write) -> Path:
-    tmp = atomic_path(final)
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return final
-
-
 def plot_bench(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     """Like the paper's Fig. 6: peak memory and speed against resolution, one line per model / batch / width / device."""
     import matplotlib
@@ -653,7 +635,8 @@ def plot_bench(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     fig.suptitle(f"hagan bench: {', '.join(names)} (x: not measured, see status)", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 0.96))
     out = Path(path)
-    _atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    with atomic_write(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return out
 
@@ -665,7 +648,7 @@ def save_bench(rows: list[dict[str, Any]], out_dir: str | os.PathLike) -> tuple[
     payload = {"created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                "python": platform.python_version(), "platform": platform.platform(),
                "cpu_count": os.cpu_count(), "rows": rows}
-    json_path = _atomic_write(out / "bench.json", lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
+    json_path = write_text_atomic(out / "bench.json", json.dumps(payload, indent=2) + "\n")
     png_path = plot_bench(rows, out / "bench.png")
     return json_path, png_path
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,14 +120,13 @@ def read_for_run(run, paths: Sequence[str]) -> tuple[list[str], np.ndarray]:
 
 def cmd_encode(args: argparse.Namespace) -> None:
     from .api import load_run
-    from .io import atomic_path
+    from .io import atomic_write
 
     run = load_run(args.run, args.checkpoint, args.device, args.allow_pickle)
     names, volumes = read_for_run(run, args.volumes)
     latents = run.encode(volumes)
     out = Path(args.out)
-    tmp = atomic_path(out)
-    try:
+    with atomic_write(out) as tmp:
         if out.suffix == ".csv":
             with open(tmp, "w", newline="") as handle:
                 writer = csv.writer(handle)
@@ -139,9 +137,6 @@ def cmd_encode(args: argparse.Namespace) -> None:
                 np.save(handle, latents)
         else:
             raise HaganError(f"{out}: --out must end in .npy or .csv")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     print(f"encoded {len(names)} volumes to {out} ({latents.shape[1]} values each)")
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from .errors import HaganError
-from .io import atomic_path
+from .io import write_text_atomic
 
 
 @dataclass
@@ -213,14 +213,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def save_yaml(config: Config, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    tmp = atomic_path(path)
-    try:
-        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def build_config(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import stat
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -50,26 +52,43 @@ class Volume:
         return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
 
 
-def atomic_path(final: Path) -> Path:
-    """A temporary sibling of ``final``; rename it onto ``final`` once fully written."""
+@contextmanager
+def atomic_write(final: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary sibling of ``final`` to write; it replaces ``final`` only if the block
+    completes, and the temporary is removed either way, so a reader (or a killed process) never
+    sees a half-written file. The temporary is hidden and keeps ``final``'s suffixes (``.nii.gz``,
+    ``.png``), so writers that infer the format from the name still work; the folder is created.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(final.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
     os.close(fd)
-    return Path(tmp)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see atomic_write)."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, value: Any, indent: int = 2) -> Path:
+    """Write ``value`` as JSON to ``path`` atomically (see atomic_write)."""
+    return write_text_atomic(path, json.dumps(value, indent=indent))
 
 
 def write_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
     """Write a NIfTI volume atomically: a killed process never leaves a half-written file."""
-    path = Path(path)
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         nib.save(nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64)), str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def volume_extension(path: str | os.PathLike) -> str | None:

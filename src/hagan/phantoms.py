@@ -21,7 +21,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from hagan.errors import HaganError
-from hagan.io import atomic_path, write_volume
+from hagan.io import atomic_write, write_volume
 
 FIELD_OF_VIEW_MM = {"thorax-ct": 350.0, "brain-mri": 240.0}
 MIN_SIZE, MAX_SIZE = 16, 256
@@ -515,13 +515,8 @@ def write_phantom_dataset(
         rows.append({"file": name, **attributes})
 
     csv_path = out / "attributes.csv"
-    tmp = atomic_path(csv_path)
-    try:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()} for row in rows)
-        os.replace(tmp, csv_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(csv_path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()} for row in rows)
     return csv_path

@@ -23,7 +23,9 @@ from tqdm import tqdm
 
 from hagan import __version__
 from hagan.errors import HaganError, NoUsableVolumesError, VolumeError
-from hagan.io import Volume, atomic_path, display_path, list_volume_paths, read_volume, volume_stem
+from hagan.io import (
+    Volume, atomic_write, display_path, list_volume_paths, read_volume, volume_stem, write_json_atomic,
+)
 
 CANONICAL_AXCODES = ("S", "A", "R")
 BACKGROUND = -1.0
@@ -347,22 +349,8 @@ def _prepare_cache_dir(dst: Path, recipe: str, size: int, mode: str) -> None:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = atomic_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _save_json(path: Path, data: dict) -> None:
-    tmp = atomic_path(path)
-    try:
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def preprocess_folder(
@@ -452,7 +440,7 @@ def preprocess_folder(
         "reference_affine": entries[0]["affine"],
         "num_classes": max_label + 1 if max_label >= 0 else 0,
     }
-    _save_json(dst / "manifest.json", manifest)
+    write_json_atomic(dst / "manifest.json", manifest, indent=1)
     current = {Path(e["file"]).name for e in entries}
     for stale in (dst / "volumes").glob("*.npy"):
         if stale.name not in current:

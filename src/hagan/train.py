@@ -21,7 +21,7 @@ from .config import Config, check_world_size, save_yaml
 from .data import CachedVolumeDataset, infinite_loader
 from .distributed import DistContext, device_for, env_world_size, from_env
 from .errors import HaganError
-from .io import atomic_path
+from .io import write_json_atomic, write_text_atomic
 from .models import build_model
 from .models.base import DivergenceError
 from .viz import montage_tensor, plot_curves, three_plane_montage
@@ -39,15 +39,6 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise HaganError(f"train.device is {name!r} but CUDA is not available on this machine")
     return torch.device(name)
-
-
-def write_json(path: Path, value: Any) -> None:
-    tmp = atomic_path(path)
-    try:
-        tmp.write_text(json.dumps(value, indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -81,12 +72,7 @@ def truncate_scalars(run_dir: Path, iteration: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in _scalar_records(path) if r["iteration"] <= iteration]
-    tmp = atomic_path(path)
-    try:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class StopRequested:
@@ -171,7 +157,7 @@ class Trainer:
         self.dist.broadcast_module(self.model)
         if self.dist.is_main:
             save_yaml(config, self.run_dir / CONFIG_FILE)
-            write_json(self.run_dir / GEOMETRY_FILE, self.geometry())
+            write_json_atomic(self.run_dir / GEOMETRY_FILE, self.geometry())
         self.dist.barrier()
 
     def _make_loader(self, seed: int):

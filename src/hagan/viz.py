@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from scipy.signal import lfilter
 from torch import Tensor
 
-from hagan.io import atomic_path
+from hagan.io import atomic_write
 
 PLANE_NAMES = ("axial", "coronal", "sagittal")
 MAX_MONTAGE_VOLUMES = 16
@@ -80,14 +80,9 @@ def _show(ax: Axes, image: np.ndarray, value_range: tuple[float, float]) -> None
 
 def _save_png(figure: Figure, path: str | os.PathLike) -> Path:
     """Save so that a reader (or a killed run) never sees a half-written PNG."""
-    path = Path(path)
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         figure.savefig(tmp, format="png", facecolor=figure.get_facecolor())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def three_plane_montage(

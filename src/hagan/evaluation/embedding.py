@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 
 from hagan.errors import HaganError
-from hagan.io import atomic_path
+from hagan.io import atomic_write
 
 
 def classical_mds(features: np.ndarray, n_components: int = 2) -> np.ndarray:
@@ -103,12 +102,9 @@ def embedding_figure(
     ax.set_title(title or f"feature embedding ({used})", fontsize=10)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    final = Path(path)
-    tmp = atomic_path(final)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, final)
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return {"method": used, "coords": parts}

@@ -40,7 +40,7 @@ from hagan.evaluation.stats import (
     ms_ssim_scales,
     mmd,
 )
-from hagan.io import atomic_path, list_volume_paths, read_volume
+from hagan.io import atomic_write, list_volume_paths, read_volume, write_json_atomic, write_text_atomic
 
 STATS_FORMAT = "hagan-eval-stats/1"
 CT_WINDOW_HU = (-1024.0, 600.0)
@@ -316,13 +316,8 @@ def write_stats(path: str | os.PathLike, features: Mapping[str, Mapping[str, np.
             arrays[f"{name}::{key}::features"] = value
             arrays[f"{name}::{key}::mu"] = mu
             arrays[f"{name}::{key}::sigma"] = sigma
-    tmp = atomic_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 
@@ -385,15 +380,6 @@ def _versions(extractors: Sequence[TorchExtractor]) -> dict:
     for e in extractors:
         versions.update(e.protocol().get("versions", {}))
     return versions
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = atomic_path(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _fmt(value: Any) -> str:
@@ -584,13 +570,8 @@ def evaluate(
     for name in real_features:
         arrays[f"real::{name}"] = real_features[name]["volume"]
         arrays[f"fake::{name}"] = fake_features[name]["volume"]
-    tmp = atomic_path(out / "features.npz")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, out / "features.npz")
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(out / "features.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     if figure:
         figures = {}
         for name in real_features:
@@ -604,8 +585,8 @@ def evaluate(
             figures[name] = {"path": path.name, "method": emb["method"]}
         result["figures"] = figures
     result["seconds"] = round(time.perf_counter() - start, 2)
-    _write_text(out / "metrics.json", json.dumps(result, indent=2))
-    _write_text(out / "metrics.md", metrics_markdown(result))
+    write_json_atomic(out / "metrics.json", result)
+    write_text_atomic(out / "metrics.md", metrics_markdown(result))
     return result
 
 
