@@ -8,7 +8,8 @@ reports collapse) beside the real set's, and writes montages of both.
     python experiments/small_data.py --data ../shared/data/ixi-t1-2mm/t1 --size 128 --minutes 12 \
         --out runs/small-data-128
 
-On CPU, use --size 32 --width 0.25 --latent-dim 128 for a quick look.
+On CPU, use --size 32 --width 0.25 --latent-dim 128 --iterations 1500 for a quick look (a shared
+machine makes equal minutes unequal work; equal iterations are the fair budget there).
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (1 = the paper's)")
     parser.add_argument("--latent-dim", type=int, default=1024)
-    parser.add_argument("--minutes", type=float, required=True, help="training budget of each configuration")
-    parser.add_argument("--iterations", type=int, default=1_000_000, help="upper bound besides the budget")
+    parser.add_argument("--minutes", type=float, default=0.0, help="wall-clock budget of each configuration (0: none)")
+    parser.add_argument("--iterations", type=int, default=1_000_000, help="iterations of each configuration")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--configs", default="paper,small-data", help=f"comma list of {', '.join(CONFIGS)}")
