@@ -124,6 +124,7 @@ def test_generated_volumes_have_full_size_and_range():
         {"model": {"encoder": False}},
         {"model": {"num_classes": 3}},
         {"loss": {"kind": "wgan-gp"}},
+        {"model": {"minibatch_std": True}},
         {"loss": {"r1_gamma": 1.0, "diffaug": "translation,cutout,brightness,contrast", "ada_target": 0.6}},
     ],
 )
@@ -196,3 +197,20 @@ def test_train_latent_is_this_ranks_shard_of_the_global_batch():
     rng = torch.Generator().manual_seed(3)
     torch.testing.assert_close(model.train_latent(2, rng), whole[2:])
     assert torch.equal(rng.get_state(), (g := torch.Generator().manual_seed(3), torch.randn(4, 16, generator=g))[0].get_state())
+
+
+def test_minibatch_stddev_tells_a_collapsed_batch_from_a_varied_one():
+    from hagan.models.networks import minibatch_stddev
+
+    same = torch.ones(4, 3, 2, 2, 2)
+    varied = torch.randn(4, 3, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    assert minibatch_stddev(same).shape == (4, 4, 2, 2, 2)
+    assert float(minibatch_stddev(same)[:, -1].abs().max()) == 0.0
+    assert float(minibatch_stddev(varied)[:, -1].min()) > 0.5
+    model = tiny_model(model={"minibatch_std": True})
+    r = model.normalised_start(0)
+    slab = torch.zeros(2, 1, 4, 32, 32)
+    low = torch.zeros(2, 1, 8, 8, 8)
+    twins = model.discriminate(slab, low, r)[0]
+    mixed = model.discriminate(torch.stack([slab[0], slab[1] + 1]), torch.stack([low[0], low[1] + 1]), r)[0]
+    assert not torch.allclose(twins[0], mixed[0])

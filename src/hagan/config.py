@@ -25,6 +25,7 @@ class ModelConfig:
     low_res_branch: bool = True
     encoder: bool = True
     r_sampling: str = "random"
+    minibatch_std: bool = False
 
 
 @dataclass

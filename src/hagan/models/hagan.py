@@ -45,9 +45,9 @@ class HAGAN(GenerativeModel):
         self.common = CommonGenerator(m.size, m.latent_dim, m.num_classes, m.width)
         features = self.common.out_channels
         self.high_gen = HighResGenerator(features, m.width)
-        self.high_disc = HighResDiscriminator(m.size, m.num_classes, m.width)
+        self.high_disc = HighResDiscriminator(m.size, m.num_classes, m.width, m.minibatch_std)
         self.low_gen = LowResGenerator(features, m.width) if m.low_res_branch else None
-        self.low_disc = LowResDiscriminator(m.size, m.num_classes, m.width) if m.low_res_branch else None
+        self.low_disc = LowResDiscriminator(m.size, m.num_classes, m.width, m.minibatch_std) if m.low_res_branch else None
         self.slab_encoder = SlabEncoder(features, m.width) if m.encoder else None
         self.global_encoder = GlobalEncoder(m.size, features, m.latent_dim, m.width) if m.encoder else None
         self.augment_strength = (

@@ -40,6 +40,16 @@ def sn_conv_lrelu(cin: int, cout: int, kernel, stride, padding) -> nn.Sequential
     return nn.Sequential(spectral_norm(nn.Conv3d(cin, cout, kernel, stride, padding)), nn.LeakyReLU(LEAK, inplace=True))
 
 
+def minibatch_stddev(x: Tensor) -> Tensor:
+    """Append the batch's mean feature standard deviation as one more channel (Karras et al. 2018).
+
+    A discriminator that sees how alike the samples of a batch are can reject a collapsed generator.
+    Under torchrun the statistic is taken over each process's share of the batch.
+    """
+    std = x.float().std(dim=0, unbiased=False).mean().to(x.dtype) if x.shape[0] > 1 else x.new_zeros(())
+    return torch.cat([x, std.expand(x.shape[0], 1, *x.shape[2:])], dim=1)
+
+
 class Upsample(nn.Module):
     """Nearest-neighbour x2, as the paper's 'Interpolation' rows and the authors' code."""
 
@@ -108,9 +118,10 @@ class HighResGenerator(nn.Module):
 class HighResDiscriminator(nn.Module):
     """D^H: judges a slab (S/8 x S x S) given its normalised start position r, appended after the trunk."""
 
-    def __init__(self, size: int, num_classes: int = 0, width: float = 1.0):
+    def __init__(self, size: int, num_classes: int = 0, width: float = 1.0, minibatch_std: bool = False):
         super().__init__()
         check_size(size)
+        self.minibatch_std = minibatch_std
         inplane_halvings = int(math.log2(size // 4))
         cube_convs = inplane_halvings - 3
         cube_channels = [scaled(64 // 2 ** (cube_convs - 1 - i), width) for i in range(cube_convs)]
@@ -129,7 +140,7 @@ class HighResDiscriminator(nn.Module):
         self.trunk = nn.Sequential(*layers)
         h1, h2 = scaled(64, width), scaled(32, width)
         self.head = nn.Sequential(
-            spectral_norm(nn.Linear(c128 + 1, h1)),
+            spectral_norm(nn.Linear(c128 + 1 + int(minibatch_std), h1)),
             nn.LeakyReLU(LEAK, inplace=True),
             spectral_norm(nn.Linear(h1, h2)),
             nn.LeakyReLU(LEAK, inplace=True),
@@ -139,6 +150,8 @@ class HighResDiscriminator(nn.Module):
 
     def forward(self, slab: Tensor, r_normalised: Tensor) -> tuple[Tensor, Tensor | None]:
         h = self.trunk(slab).flatten(1)
+        if self.minibatch_std:
+            h = minibatch_stddev(h)
         h = self.head(torch.cat([h, r_normalised.view(-1, 1).to(h.dtype).expand(h.shape[0], 1)], dim=1))
         return self.adv(h), (self.cls(h) if self.cls is not None else None)
 
@@ -146,9 +159,10 @@ class HighResDiscriminator(nn.Module):
 class LowResDiscriminator(nn.Module):
     """D^L: judges the whole low-resolution image (S/4 cube)."""
 
-    def __init__(self, size: int, num_classes: int = 0, width: float = 1.0):
+    def __init__(self, size: int, num_classes: int = 0, width: float = 1.0, minibatch_std: bool = False):
         super().__init__()
         check_size(size)
+        self.minibatch_std = minibatch_std
         convs = int(math.log2(size // 16))
         channels = [scaled(256 // 2 ** (convs - 1 - i), width) for i in range(convs)]
         layers: list[nn.Module] = []
@@ -158,10 +172,13 @@ class LowResDiscriminator(nn.Module):
             cin = cout
         self.trunk = nn.Sequential(*layers)
         self.num_classes = num_classes
-        self.out = spectral_norm(nn.Conv3d(cin, 1 + num_classes, 4, 1, 0))
+        self.out = spectral_norm(nn.Conv3d(cin + int(minibatch_std), 1 + num_classes, 4, 1, 0))
 
     def forward(self, low: Tensor) -> tuple[Tensor, Tensor | None]:
-        h = self.out(self.trunk(low)).flatten(1)
+        h = self.trunk(low)
+        if self.minibatch_std:
+            h = minibatch_stddev(h)
+        h = self.out(h).flatten(1)
         return h[:, :1], (h[:, 1:] if self.num_classes else None)
 
 
