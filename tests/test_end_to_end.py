@@ -153,6 +153,11 @@ def test_evaluate_a_run_against_its_cache(cache, run_dir, tmp_path, capsys):
     assert {"fid", "kid_mean", "kid_std", "mmd", "ms_ssim"} <= set(metrics)
     assert metrics["fid"] > 0 and 0 < metrics["ms_ssim"] <= 1
     assert "fid" in capsys.readouterr().out.lower()
+    figure = tmp_path / "mds.png"
+    assert main(["embedding", f"tiny={out}", f"again={out}", "--out", str(figure)]) == 0
+    assert figure.stat().st_size > 0
+    assert main(["embedding", str(out), "--out", str(figure)]) == 2
+    assert "LABEL=EVAL_DIR" in capsys.readouterr().err
 
 
 def test_pickle_weights_need_an_explicit_flag(run_dir, tmp_path, capsys):

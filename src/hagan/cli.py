@@ -201,6 +201,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(json.dumps(rows, indent=2) if args.json else "\n".join(map(format_row, rows)))
 
 
+def cmd_embedding(args: argparse.Namespace) -> None:
+    from .evaluation import embedding_from_evaluations
+
+    evaluations = {}
+    for item in args.evaluations:
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not folder:
+            raise HaganError(f"{item!r}: expected LABEL=EVAL_DIR, e.g. ha-gan=eval/hagan")
+        evaluations[label] = folder
+    embedding_from_evaluations(evaluations, args.out, feature=args.feature, seed=args.seed)
+    print(f"wrote {args.out}")
+
+
 def cmd_summary(args: argparse.Namespace) -> None:
     import torch
 
@@ -328,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ms-ssim-pairs", type=int, default=500)
     p.add_argument("--slices", type=int, default=16, help="slices per plane for inception-2.5d")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("embedding", help="MDS figure of real and several generated sets (the paper's Fig. 4)")
+    p.add_argument("evaluations", nargs="+", metavar="LABEL=EVAL_DIR", help="output folders of `hagan evaluate`")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--feature", help="feature set to embed (default: the first evaluated)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_embedding)
 
     p = sub.add_parser("bench", help="training memory and speed, generation time, per resolution and batch size")
     p.add_argument("--models", nargs="+", default=["hagan"])
