@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -103,24 +102,9 @@ def test_two_ranks_of_batch_2_match_one_process_of_batch_4(tmp_path):
     print(f"largest |update(2 ranks) - update(1 process)|: {worst:.3g} (largest update {scale:.3g})")
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    from hagan.preprocess import preprocess_folder
-
-    root = tmp_path_factory.mktemp("dist")
-    rng = np.random.default_rng(0)
-    (root / "raw").mkdir()
-    for i in range(5):
-        volume = np.full((32, 32, 32), -1000.0, np.float32)
-        volume[4:28, 6:26, 6:26] = rng.uniform(-900, 400, (24, 20, 20))
-        np.save(root / "raw" / f"v{i}.npy", volume)
-    preprocess_folder(root / "raw", root / "cache", recipe="ct", size=32, progress=False)
-    return root / "cache"
-
-
-def test_loader_shards_the_global_batch_with_the_same_augmentation(cache):
+def test_loader_shards_the_global_batch_with_the_same_augmentation(tiny_ct_cache):
     def loader(rank, world):
-        dataset = CachedVolumeDataset(cache, transform=VolumeAugment(seed=3))
+        dataset = CachedVolumeDataset(tiny_ct_cache, transform=VolumeAugment(seed=3))
         return infinite_loader(dataset, 4, seed=5, rank=rank, world_size=world)
 
     single, shards = loader(0, 1), [loader(r, 2) for r in range(2)]
@@ -132,25 +116,25 @@ def test_loader_shards_the_global_batch_with_the_same_augmentation(cache):
     assert shards[0].state_dict() == single.state_dict()
 
 
-def test_batch_size_that_does_not_divide_is_refused_before_any_work(cache, tmp_path, monkeypatch, capsys):
-    config = build_config(None, None, [{"model": TINY}, {"optim": {"batch_size": 3}}, {"data": {"cache": str(cache)}}])
+def test_batch_size_that_does_not_divide_is_refused_before_any_work(tiny_ct_cache, tmp_path, monkeypatch, capsys):
+    config = build_config(None, None, [{"model": TINY}, {"optim": {"batch_size": 3}}, {"data": {"cache": str(tiny_ct_cache)}}])
     with pytest.raises(HaganError, match="optim.batch_size 3 does not divide across 2 processes"):
         Trainer(config, tmp_path / "run", dist=DistContext(rank=0, world_size=2))
     assert not (tmp_path / "run").exists()
     with pytest.raises(HaganError, match="does not divide across 2 processes"):
-        infinite_loader(CachedVolumeDataset(cache), 3, seed=0, rank=0, world_size=2)
+        infinite_loader(CachedVolumeDataset(tiny_ct_cache), 3, seed=0, rank=0, world_size=2)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["train", "--data", str(cache), "--out", str(tmp_path / "cli"), "--size", "32", "--batch-size", "3"]) == 2
+    assert main(["train", "--data", str(tiny_ct_cache), "--out", str(tmp_path / "cli"), "--size", "32", "--batch-size", "3"]) == 2
     err = capsys.readouterr().err
     assert "does not divide across 2 processes" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "cli").exists()
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_write_one_run(cache, tmp_path):
+def test_torchrun_two_processes_write_one_run(tiny_ct_cache, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "hagan.cli", "train", "--data", str(cache), "--out", str(run), "--size", "32", "--iterations", "3",
+           "-m", "hagan.cli", "train", "--data", str(tiny_ct_cache), "--out", str(run), "--size", "32", "--iterations", "3",
            "--batch-size", "4", "--device", "cpu", "--set", "model.width=0.125", "--set", "model.latent_dim=16",
            "--set", "train.log_every=1", "--set", "train.checkpoint_every=2", "--set", "train.sample_every=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

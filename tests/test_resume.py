@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -28,40 +27,25 @@ STREAMS = {
 }
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    from hagan.preprocess import preprocess_folder
-
-    root = tmp_path_factory.mktemp("resume")
-    rng = np.random.default_rng(0)
-    (root / "raw").mkdir()
-    for i in range(5):
-        volume = np.full((32, 32, 32), -1000.0, np.float32)
-        volume[4:28, 6:26, 6:26] = rng.uniform(-900, 400, (24, 20, 20))
-        np.save(root / "raw" / f"v{i}.npy", volume)
-    preprocess_folder(root / "raw", root / "cache", recipe="ct", size=32, progress=False)
-    return root / "cache"
-
-
-def config_for(cache, iterations, **train_changes):
+def config_for(tiny_ct_cache, iterations, **train_changes):
     train_cfg = {"iterations": iterations, "log_every": 1, "sample_every": 1000, "checkpoint_every": 1000,
                  "deterministic": True, **train_changes}
     return build_config(None, None, [{"model": TINY}, STREAMS, {"optim": {"batch_size": 2}},
-                                     {"data": {"cache": str(cache)}}, {"train": train_cfg}])
+                                     {"data": {"cache": str(tiny_ct_cache)}}, {"train": train_cfg}])
 
 
 def final_weights(run_dir):
     return load_file(str(list_checkpoints(run_dir / "checkpoints")[-1] / "weights.safetensors"))
 
 
-def test_resume_is_exact(cache, tmp_path):
+def test_resume_is_exact(tiny_ct_cache, tmp_path):
     """2 iterations straight == 1 + resume + 1 (mid-epoch: 5 items, batch 2), bitwise, with every stream on."""
-    train(config_for(cache, 2), tmp_path / "straight", progress=False)
-    train(config_for(cache, 1, checkpoint_every=1), tmp_path / "split", progress=False)
+    train(config_for(tiny_ct_cache, 2), tmp_path / "straight", progress=False)
+    train(config_for(tiny_ct_cache, 1, checkpoint_every=1), tmp_path / "split", progress=False)
     state = json.loads((tmp_path / "split" / "checkpoints" / "iter_00000001" / "state.json").read_text())
     assert state["loader"] == {"seed": 0, "epoch": 0, "position": 1, "batch_size": 2}
     assert state["extra"]["augment"]["updates"] == 1
-    train(config_for(cache, 2, checkpoint_every=1), tmp_path / "split", resume=True, progress=False)
+    train(config_for(tiny_ct_cache, 2, checkpoint_every=1), tmp_path / "split", resume=True, progress=False)
     straight, split = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
     assert straight.keys() == split.keys()
     for key in straight:
@@ -86,16 +70,16 @@ def poison_at(trainer, iterations):
     trainer.model.train_step = step
 
 
-def test_divergence_stops_naming_iteration_and_loss(cache, tmp_path):
-    trainer = Trainer(config_for(cache, 1), tmp_path / "run", progress=False)
+def test_divergence_stops_naming_iteration_and_loss(tiny_ct_cache, tmp_path):
+    trainer = Trainer(config_for(tiny_ct_cache, 1), tmp_path / "run", progress=False)
     poison_at(trainer, {0})
     with pytest.raises(HaganError, match=r"training diverged at iteration 1: non-finite loss in the D step \(loss/D = nan\)"):
         trainer.fit()
     assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
 
 
-def test_divergence_rolls_back_with_lower_learning_rates(cache, tmp_path, capsys):
-    cfg = config_for(cache, 3, checkpoint_every=1, on_divergence="rollback", rollback_lr_factor=0.5, max_rollbacks=2)
+def test_divergence_rolls_back_with_lower_learning_rates(tiny_ct_cache, tmp_path, capsys):
+    cfg = config_for(tiny_ct_cache, 3, checkpoint_every=1, on_divergence="rollback", rollback_lr_factor=0.5, max_rollbacks=2)
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     poison_at(trainer, {0, 2})  # before any checkpoint (back to the start), then after iteration 2's
     trainer.fit()
@@ -109,15 +93,15 @@ def test_divergence_rolls_back_with_lower_learning_rates(cache, tmp_path, capsys
     assert (state["iteration"], state["rollbacks"], state["lr_scale"]) == (3, 2, 0.25)
     assert [i for i, _ in read_scalars(tmp_path / "run")["loss/D"]] == [1, 2, 3]
     # a third divergence exceeds train.max_rollbacks = 2
-    trainer = Trainer(config_for(cache, 5, on_divergence="rollback", max_rollbacks=2), tmp_path / "run", resume=True,
+    trainer = Trainer(config_for(tiny_ct_cache, 5, on_divergence="rollback", max_rollbacks=2), tmp_path / "run", resume=True,
                       progress=False)
     poison_at(trainer, {3})
     with pytest.raises(HaganError, match=r"iteration 4: .*gave up after 2 rollback\(s\)"):
         trainer.fit()
 
 
-def cli(cache, out, iterations, *extra):
-    return [sys.executable, "-m", "hagan.cli", "train", "--data", str(cache), "--out", str(out), "--size", "32",
+def cli(tiny_ct_cache, out, iterations, *extra):
+    return [sys.executable, "-m", "hagan.cli", "train", "--data", str(tiny_ct_cache), "--out", str(out), "--size", "32",
             "--iterations", str(iterations), "--batch-size", "2", "--set", "model.width=0.125",
             "--set", "model.latent_dim=16", "--set", "train.log_every=1", "--set", "train.sample_every=100000",
             "--set", "train.deterministic=true", *extra]
@@ -139,7 +123,7 @@ def latest_iteration(run):
     return int(found[-1].name.split("_")[1]) if found else -1
 
 
-def kill_and_resume(cache, tmp_path, kills, seed, finish):
+def kill_and_resume(tiny_ct_cache, tmp_path, kills, seed, finish):
     """SIGKILL a training subprocess at random moments (a checkpoint every iteration, so saves are
     always in flight); after each kill the latest checkpoint must load in full and the run resume.
     ``finish``: "sigterm" ends with SIGTERM (clean exit, checkpoint at the stop); "complete" runs to
@@ -151,7 +135,7 @@ def kill_and_resume(cache, tmp_path, kills, seed, finish):
     for k in range(kills + (finish == "sigterm")):
         before = latest_iteration(run)
         extra = ["--set", "train.checkpoint_every=1", "--set", "train.keep_checkpoints=2"]
-        args = cli(cache, run, 100000, *extra) if k == 0 else resume + ["100000"]
+        args = cli(tiny_ct_cache, run, 100000, *extra) if k == 0 else resume + ["100000"]
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for(lambda: latest_iteration(run) > before, proc)
         if k == kills:  # the SIGTERM leg
@@ -187,18 +171,18 @@ def kill_and_resume(cache, tmp_path, kills, seed, finish):
     return records
 
 
-def test_sigkill_at_random_moments_then_sigterm(cache, tmp_path):
+def test_sigkill_at_random_moments_then_sigterm(tiny_ct_cache, tmp_path):
     """Two SIGKILLs at random moments, each followed by a full load of the latest checkpoint and a
     resume; then SIGTERM, which must save and exit with status 0."""
-    records = kill_and_resume(cache, tmp_path, kills=2, seed=int(os.environ.get("HAGAN_KILL_SEED", "0")),
+    records = kill_and_resume(tiny_ct_cache, tmp_path, kills=2, seed=int(os.environ.get("HAGAN_KILL_SEED", "0")),
                               finish="sigterm")
     assert len(records) == 2
 
 
 @pytest.mark.slow
-def test_sigkill_many_kill_points(cache, tmp_path):
+def test_sigkill_many_kill_points(tiny_ct_cache, tmp_path):
     kills = int(os.environ.get("HAGAN_KILLS", "20"))
-    records = kill_and_resume(cache, tmp_path, kills=kills, seed=int(os.environ.get("HAGAN_KILL_SEED", "1")),
+    records = kill_and_resume(tiny_ct_cache, tmp_path, kills=kills, seed=int(os.environ.get("HAGAN_KILL_SEED", "1")),
                               finish="complete")
     report = Path(os.environ.get("HAGAN_KILL_REPORT", tmp_path / "kills.json"))
     report.write_text(json.dumps(records, indent=1))
