@@ -28,6 +28,15 @@ def test_later_sources_override_earlier(tmp_path):
     assert (c.model.size, c.train.iterations, c.loss.r1_gamma) == (64, 7, 2.0)
 
 
+def test_exponents_without_a_dot_are_floats(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr_d: 1e-4\n")
+    c = build_config(None, path, [parse_assignment("optim.lr_g=2e-4")])
+    assert (c.optim.lr_d, c.optim.lr_g) == (1e-4, 2e-4)
+    with pytest.raises(HaganError, match="optim.lr_d must be float, got 'fast'"):
+        build_config(None, None, [parse_assignment("optim.lr_d=fast")])
+
+
 def test_yaml_round_trip(tmp_path):
     c = build_config("small-data-128")
     save_yaml(c, tmp_path / "config.yaml")

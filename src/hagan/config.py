@@ -142,11 +142,21 @@ def set_value(section: Any, section_name: str, key: str, value: Any, source: str
     expected = type(getattr(section, key))
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if expected is float and isinstance(value, str):
+        value = yaml_float(value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise HaganError(
             f"{source}: {section_name}.{key} must be {expected.__name__}, got {value!r} ({type(value).__name__})"
         )
     setattr(section, key, value)
+
+
+def yaml_float(text: str) -> float | str:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; for a float key take it as the number it means."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def parse_assignment(text: str) -> dict[str, Any]:
