@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -87,19 +87,25 @@ class Run:
             raise HaganError(f"class labels must be {n} values in 0..{classes - 1}, got {labels}")
         return torch.tensor(values)
 
+    def latents(self, n: int, seed: int = 0) -> torch.Tensor:
+        """The ``n`` latents that ``generate(n, seed)`` decodes, drawn on the CPU so a seed means the same everywhere."""
+        return torch.randn(n, self.config.model.latent_dim, generator=torch.Generator().manual_seed(seed))
+
     @torch.no_grad()
+    def decode_batches(
+        self, z: torch.Tensor, labels: int | Sequence[int] | None = None, batch_size: int = 1, progress: bool = False
+    ) -> Iterator[torch.Tensor]:
+        """Full volumes (b, 1, S, S, S) on the CPU from latents ``z``, ``batch_size`` at a time."""
+        label_tensor = self._labels(len(z), labels)
+        for begin in tqdm(range(0, len(z), batch_size), desc="generate", unit="batch", disable=not progress):
+            chunk_labels = label_tensor[begin : begin + batch_size] if label_tensor is not None else None
+            yield self.model.decode(z[begin : begin + batch_size], chunk_labels).float().cpu()
+
     def generate(
         self, n: int, seed: int = 0, labels: int | Sequence[int] | None = None, batch_size: int = 1, progress: bool = False
     ) -> np.ndarray:
         """``n`` volumes (n, S, S, S) in [-1, 1]; the same seed gives the same volumes on any device."""
-        rng = torch.Generator().manual_seed(seed)
-        label_tensor = self._labels(n, labels)
-        z = torch.randn(n, self.config.model.latent_dim, generator=rng)
-        out = []
-        for begin in tqdm(range(0, n, batch_size), desc="generate", unit="batch", disable=not progress):
-            chunk_labels = label_tensor[begin : begin + batch_size] if label_tensor is not None else None
-            out.append(self.model.decode(z[begin : begin + batch_size], chunk_labels).float().cpu())
-        return torch.cat(out)[:, 0].numpy()
+        return torch.cat(list(self.decode_batches(self.latents(n, seed), labels, batch_size, progress)))[:, 0].numpy()
 
     def _as_batch(self, volumes: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(volumes, dtype=np.float32))
@@ -120,18 +126,12 @@ class Run:
         except ValueError as err:
             raise HaganError(str(err)) from err
 
-    @torch.no_grad()
     def reconstruct(
         self, volumes: np.ndarray | torch.Tensor, labels: int | Sequence[int] | None = None, batch_size: int = 1
     ) -> np.ndarray:
         """Volumes regenerated from their own latent codes (the encoder's round trip)."""
         z = torch.as_tensor(self.encode(volumes, batch_size))
-        label_tensor = self._labels(len(z), labels)
-        out = []
-        for i in range(0, len(z), batch_size):
-            chunk_labels = label_tensor[i : i + batch_size] if label_tensor is not None else None
-            out.append(self.model.decode(z[i : i + batch_size], chunk_labels).float().cpu())
-        return torch.cat(out)[:, 0].numpy()
+        return torch.cat(list(self.decode_batches(z, labels, batch_size)))[:, 0].numpy()
 
     def save(self, volumes: np.ndarray, out_dir: str | os.PathLike, prefix: str = "sample") -> list[Path]:
         """Write each volume as NIfTI with the training geometry and the recipe's intensity units."""

@@ -144,14 +144,9 @@ class RunSource(VolumeSource):
         super().__init__(n, self.run.size)
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        run = self.run
-        rng = torch.Generator().manual_seed(self.seed)
-        labels = run._labels(self.n, self.class_label)
-        z = torch.randn(self.n, run.config.model.latent_dim, generator=rng)
-        with torch.no_grad():
-            for i in range(0, self.n, batch_size):
-                chunk = labels[i : i + batch_size] if labels is not None else None
-                yield run.model.decode(z[i : i + batch_size].to(run.device), chunk).float().cpu().clamp(-1, 1)
+        z = self.run.latents(self.n, self.seed)
+        for volumes in self.run.decode_batches(z, self.class_label, batch_size):
+            yield volumes.clamp(-1, 1)
 
     def describe(self) -> dict:
         return {
