@@ -15,13 +15,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 
 from hagan.errors import HaganError, VolumeError
+
+if TYPE_CHECKING:
+    import SimpleITK
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 SITK_EXTENSIONS = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -390,8 +392,17 @@ _SITK_IO = {".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO", ".mha": "MetaImageIO
 _SITK_KIND = {".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage", ".mhd": "MetaImage"}
 
 
+def _simpleitk():
+    """SimpleITK is imported on the first DICOM, NRRD or MHA read: NIfTI and NumPy users (and training
+    from a cache) need neither its native library nor its start-up time."""
+    import SimpleITK
+
+    return SimpleITK
+
+
 def _read_sitk_file(path: Path, ext: str, file_size: int) -> tuple[np.ndarray, np.ndarray]:
     kind = _SITK_KIND[ext]
+    sitk = _simpleitk()
     with _sitk_file_name(path, ext) as name, _quiet_native_stderr():
         reader = sitk.ImageFileReader()
         reader.SetImageIO(_SITK_IO[ext])
@@ -431,6 +442,7 @@ def _sitk_header_problem(path: Path, ext: str, exc: Exception, alias: str) -> st
 
 
 def _sitk_itemsize(pixel_id: int) -> int:
+    sitk = _simpleitk()
     sizes = {
         sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2,
         sitk.sitkUInt32: 4, sitk.sitkInt32: 4, sitk.sitkUInt64: 8, sitk.sitkInt64: 8,
@@ -522,6 +534,7 @@ def _attached_data(path: Path, ext: str, file_size: int, limit: int) -> tuple[in
 
 
 def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    sitk = _simpleitk()
     with _sitk_folder_name(folder) as (name, originals), _quiet_native_stderr():
         try:
             series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(name)
@@ -555,6 +568,7 @@ def _check_dicom_slices(folder: Path, files: list[str], originals: dict[str, str
     def name(file: str) -> str:
         return printable(originals.get(file, os.path.basename(file)))
 
+    sitk = _simpleitk()
     origins, shapes, normals = [], [], []
     for file in files:
         reader = sitk.ImageFileReader()
@@ -688,8 +702,9 @@ def _quiet_native_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def _sitk_to_array_affine(path: Path, image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+def _sitk_to_array_affine(path: Path, image: SimpleITK.Image) -> tuple[np.ndarray, np.ndarray]:
     """Array in ITK index order (i, j, k) with the matching RAS+ affine, like nibabel gives for NIfTI."""
+    sitk = _simpleitk()
     components = image.GetNumberOfComponentsPerPixel()
     if components != 1:
         raise _error(
