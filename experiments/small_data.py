@@ -31,7 +31,12 @@ from hagan.preprocess import preprocess_folder
 from hagan.train import train
 from hagan.viz import montage_grid, three_plane_montage
 
-CONFIGS = {"paper": "paper-128", "small-data": "small-data-128"}
+# name -> (preset, overrides on top of it)
+CONFIGS: dict[str, tuple[str, dict]] = {
+    "paper": ("paper-128", {}),
+    "small-data": ("small-data-128", {}),
+    "small-data-wgan": ("small-data-128", {"loss": {"kind": "wgan-gp", "r1_gamma": 0.0}, "model": {"minibatch_std": True}}),
+}
 
 
 def grey_levels(volumes: np.ndarray) -> torch.Tensor:
@@ -52,6 +57,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--configs", default="paper,small-data", help=f"comma list of {', '.join(CONFIGS)}")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-samples", action="store_true",
+                        help="also write the samples as uint8 grey levels (samples_NAME.npz) for scoring elsewhere")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -70,23 +79,30 @@ def main() -> None:
     }
     montage_grid(list(real), out / "real_grid.png")
     for name in args.configs.split(","):
+        preset_name, extra = CONFIGS[name]
         overrides = [
+            extra,
             {"data": {"cache": str(cache)}},
             {"model": {"size": args.size, "width": args.width, "latent_dim": args.latent_dim}},
             {"optim": {"batch_size": args.batch_size}},
             {"train": {"iterations": args.iterations, "max_minutes": args.minutes, "device": args.device,
+                       "precision": args.precision, "seed": args.seed,
                        "sample_every": 500, "checkpoint_every": 1000, "log_every": 20}},
         ]
         run_dir = out / name
         started = time.perf_counter()
-        train(build_config(CONFIGS[name], None, overrides), run_dir)
+        train(build_config(preset_name, None, overrides), run_dir)
         seconds = time.perf_counter() - started
         run = load_run(run_dir, device=args.device)
         samples = run.generate(args.samples, seed=0)
         montage_grid(list(samples), out / f"{name}_grid.png")
         three_plane_montage(list(samples[:4]), out / f"{name}_planes.png")
+        if args.save_samples:
+            np.savez_compressed(out / f"samples_{name}.npz", grey=grey_levels(samples).round().byte().numpy())
         results[name] = {
-            "preset": CONFIGS[name],
+            "preset": preset_name,
+            "overrides": extra,
+            "precision": args.precision,
             "iterations": run.iteration,
             "train_seconds": round(seconds, 1),
             "pairwise_mad_grey": pairwise_mean_abs_diff(grey_levels(samples)),

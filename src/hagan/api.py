@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .accel import PRECISIONS
 from .checkpoint import list_checkpoints, load_checkpoint
 from .config import Config, load_yaml
 from .errors import HaganError
@@ -44,12 +45,20 @@ class Run:
         checkpoint: str | os.PathLike | None = None,
         device: str = "auto",
         allow_pickle: bool = False,
+        precision: str | None = None,
+        tile_depth: int = 0,
     ):
         self.run_dir = Path(run_dir)
         config_path = self.run_dir / CONFIG_FILE
         if not config_path.is_file():
             raise HaganError(f"{self.run_dir}: not a training run (no {CONFIG_FILE})")
         self.config = Config.from_dict(load_yaml(config_path), str(config_path))
+        if precision is not None:
+            if precision not in PRECISIONS:
+                raise HaganError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+            self.config.train.precision = precision
+        if tile_depth < 0:
+            raise HaganError(f"tile_depth must not be negative (0: untiled), got {tile_depth}")
         geometry_path = self.run_dir / GEOMETRY_FILE
         self.geometry = json.loads(geometry_path.read_text()) if geometry_path.is_file() else {}
         self.device = pick_device(device)
@@ -63,6 +72,7 @@ class Run:
         state = load_checkpoint(self.checkpoint, self.model, None, None, allow_pickle=allow_pickle)
         self.iteration = int(state["iteration"])
         self.model.to(self.device).eval()
+        self.model.tile_depth = tile_depth
 
     @property
     def size(self) -> int:
@@ -153,10 +163,14 @@ def load_run(
     checkpoint: str | os.PathLike | None = None,
     device: str = "auto",
     allow_pickle: bool = False,
+    precision: str | None = None,
+    tile_depth: int = 0,
 ) -> Run:
     """Open a training run for inference: its latest checkpoint, or a named checkpoint folder or weights file.
 
     Weights load from safetensors; a pickle file (.pt/.pth) only with ``allow_pickle``, and then with
-    ``torch.load(weights_only=True)``.
+    ``torch.load(weights_only=True)``. ``precision`` overrides the run's ``train.precision`` (``fp32``
+    for the reference numbers, ``bf16`` for speed on GPUs); ``tile_depth`` > 0 runs the high-resolution
+    generator over depth tiles of that many feature slices, which gives the same volume in far less memory.
     """
-    return Run(run_dir, checkpoint, device, allow_pickle)
+    return Run(run_dir, checkpoint, device, allow_pickle, precision, tile_depth)

@@ -231,6 +231,12 @@ class VolumeAugment:
             raise ValueError(f"unknown augmentation setting(s) {unknown}; valid settings are {sorted(valid)}")
         return cls(**config)
 
+    def reseed(self, seed: int) -> None:
+        """Draw the next transform from ``seed`` (one seed per item makes augmentation resumable)."""
+        if self._generator is None:
+            self._generator = torch.Generator()
+        self._generator.manual_seed(int(seed))
+
     def __call__(self, volume: Tensor) -> Tensor:
         if not self.enabled:
             return volume

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .accel import configure_cuda, resolve_precision
 from .config import build_config
 from .io import atomic_write, write_text_atomic
 from .models import MODELS, build_model
@@ -56,7 +57,8 @@ ESTIMATE_SAFETY = 1.5          # measured CPU peaks above idle were 0.7-1.4x the
 CHILD_TIMEOUT_SLACK_S = 120.0  # interpreter and torch start-up, model build, on top of max_seconds
 
 ROW_KEYS = (
-    "model", "size", "batch", "width", "device", "device_name", "torch", "dtype", "threads",
+    "model", "size", "batch", "width", "device", "device_name", "torch", "dtype", "channels_last", "compile",
+    "tile_depth", "threads",
     "params", "params_total", "train_it_per_s", "train_seconds_per_it", "train_peak_mem_bytes",
     "gen_seconds_per_volume", "gen_peak_mem_bytes", "generate_batch", "flops_per_iteration", "tflops",
     "gen_flops_per_volume", "gen_tflops", "mem_kind", "idle_rss_bytes", "estimated_train_mem_bytes",
@@ -360,7 +362,7 @@ def measure_one(spec: dict) -> dict[str, Any]:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     if device.startswith("cuda"):
-        torch.backends.cudnn.benchmark = True
+        configure_cuda()
     config = bench_config(spec["model"], spec["size"], spec["batch"], spec["width"], device, spec.get("config_overrides"))
     out: dict[str, Any] = {"threads": torch.get_num_threads()}
     limit = spec.get("memory_limit_bytes")
@@ -375,7 +377,8 @@ def measure_one(spec: dict) -> dict[str, Any]:
         try:
             torch.manual_seed(spec.get("seed", 0))
             rng = torch.Generator().manual_seed(spec.get("seed", 0))
-            model = build_model(config).to(device)
+            model = build_model(config).to(device).accelerate()
+            model.tile_depth = int(spec.get("tile_depth") or 0)
             measure = _measure_train if phase == "train" else _measure_generate
             out.update(measure(model, config, device, spec, rng))
             out[key] = "ok"
@@ -436,7 +439,7 @@ def _overall(train_status: str, gen_status: str) -> str:
 def _one_config(model_name: str, size: int, batch: int, *, device: str, iterations: int, warmup: int,
                 generate_batch: int, width: float, config_overrides, isolate: bool, max_seconds: float | None,
                 memory_limit_bytes: int | None, threads: int | None, idle: dict[str, int], name: str,
-                gen_cache: dict[str, Any] | None = None) -> dict[str, Any]:
+                gen_cache: dict[str, Any] | None = None, tile_depth: int = 0) -> dict[str, Any]:
     config = bench_config(model_name, size, batch, width, device, config_overrides)
     shapes = meta_model(config)
     counts = param_counts(config, shapes)
@@ -448,10 +451,14 @@ def _one_config(model_name: str, size: int, batch: int, *, device: str, iteratio
     spec = {"model": model_name, "size": size, "batch": batch, "width": width, "device": device,
             "iterations": iterations, "warmup": warmup, "generate_batch": generate_batch,
             "config_overrides": list(config_overrides or []), "max_seconds": max_seconds,
-            "memory_limit_bytes": limit, "estimate": estimate, "threads": threads, "seed": 0}
+            "memory_limit_bytes": limit, "estimate": estimate, "threads": threads, "seed": 0,
+            "tile_depth": tile_depth}
     row: dict[str, Any] = {
         "model": model_name, "size": size, "batch": batch, "width": width, "device": device,
-        "device_name": name, "torch": torch.__version__, "dtype": "float32", "threads": threads,
+        "device_name": name, "torch": torch.__version__,
+        "dtype": {"fp32": "float32", "bf16": "bfloat16 autocast"}[resolve_precision(config.train.precision, device)],
+        "channels_last": config.train.channels_last, "compile": config.train.compile, "tile_depth": tile_depth,
+        "threads": threads,
         "params": {k: v for k, v in counts.items() if k != "total"}, "params_total": counts["total"],
         "train_it_per_s": None, "train_seconds_per_it": None, "train_peak_mem_bytes": None,
         "gen_seconds_per_volume": None, "gen_peak_mem_bytes": None, "generate_batch": generate_batch,
@@ -514,6 +521,7 @@ def run_bench(
     max_seconds: float | None = 600.0,
     memory_limit_bytes: int | None = None,
     threads: int | None = None,
+    tile_depth: int = 0,
 ) -> list[dict[str, Any]]:
     """One row per (model, size, batch): parameters, training speed and peak memory, generation time
     per volume and its peak memory, FLOPs and TFLOP/s, and a status.
@@ -523,7 +531,9 @@ def run_bench(
     ``generate_batch`` volumes with the same counts. ``max_seconds`` bounds each phase of a configuration
     (predicted from its first iteration; in a child also a hard timeout); ``memory_limit_bytes`` is the
     memory guard (default on CPU: 90 % of the available RAM; on GPU none, a CUDA OOM is caught instead).
-    ``threads`` sets ``torch.set_num_threads`` in the measuring process. Models not in
+    ``threads`` sets ``torch.set_num_threads`` in the measuring process; ``tile_depth`` > 0 generates
+    with G^H over depth tiles. Precision, channels-last and compilation come from ``config_overrides``
+    (``train.precision``, ``train.channels_last``, ``train.compile``). Models not in
     ``hagan.models.MODELS`` are skipped with a row saying so.
     """
     if iterations < 1 or warmup < 0 or generate_batch < 1:
@@ -550,7 +560,8 @@ def run_bench(
                 row = _one_config(model_name, size, batch, device=device, iterations=iterations, warmup=warmup,
                                   generate_batch=generate_batch, width=width, config_overrides=config_overrides,
                                   isolate=isolate, max_seconds=max_seconds, memory_limit_bytes=memory_limit_bytes,
-                                  threads=threads, idle=idle, name=name, gen_cache=gen_cache)
+                                  threads=threads, idle=idle, name=name, gen_cache=gen_cache,
+                                  tile_depth=tile_depth)
                 rows.append(row)
                 if progress:
                     print(format_row(row) + f"  [{time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)

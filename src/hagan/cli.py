@@ -84,7 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .api import load_run
     from .viz import three_plane_montage
 
-    run = load_run(args.run, args.checkpoint, args.device, args.allow_pickle)
+    run = load_run(args.run, args.checkpoint, args.device, args.allow_pickle, args.precision, args.tile_depth)
     volumes = run.generate(args.n, seed=args.seed, labels=args.class_label, batch_size=args.batch_size, progress=True)
     paths = run.save(volumes, args.out)
     run.save_geometry(args.out)
@@ -194,6 +194,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         config_overrides=[parse_assignment(item) for item in args.set or []], isolate=not args.no_isolate,
         progress=True, max_seconds=args.max_seconds or None,
         memory_limit_bytes=int(args.memory_limit_gb * 2**30) if args.memory_limit_gb else None, threads=args.threads,
+        tile_depth=args.tile_depth,
     )
     if args.out:
         json_path, png_path = save_bench(rows, args.out)
@@ -303,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class", dest="class_label", type=int, help="class to generate (conditional models)")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="override the run's train.precision (auto: bf16 on GPUs, float32 on CPU)")
+    p.add_argument("--tile-depth", type=int, default=0,
+                   help="G^H over depth tiles of this many feature slices: the same volume in less memory (0: off)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("encode", help="encode volumes to latent codes")
@@ -363,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-limit-gb", type=float, help="skip configurations predicted above this (CPU default: 90%% of free RAM)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-isolate", action="store_true", help="measure in this process instead of fresh ones")
+    p.add_argument("--tile-depth", type=int, default=0, help="generate with G^H over depth tiles (0: untiled)")
     p.add_argument("--out", help="folder for bench.json and bench.png")
     p.add_argument("--json", action="store_true", help="print rows as JSON")
     p.set_defaults(func=cmd_bench)

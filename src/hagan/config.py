@@ -56,6 +56,7 @@ class OptimConfig:
 class DataConfig:
     cache: str = ""
     augment: bool = False
+    workers: int = -1
 
 
 @dataclass
@@ -75,6 +76,9 @@ class TrainConfig:
     on_divergence: str = "stop"
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
+    precision: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
 
 
 @dataclass
@@ -105,6 +109,7 @@ SMALL_DATA = {
 PRESETS: dict[str, dict[str, Any]] = {
     "paper-256": {"model": {"size": 256}},
     "paper-128": {"model": {"size": 128}},
+    "paper-512": {"model": {"size": 512}, "optim": {"batch_size": 2}},
     "small-data-128": {"model": {"size": 128}, **SMALL_DATA},
     "demo": {
         "model": {"size": 32, "latent_dim": 128, "width": 0.25},
@@ -195,6 +200,10 @@ def validate(config: Config, source: str = "config") -> None:
         problems.append(f"train.on_divergence must be 'stop' or 'rollback', got {t.on_divergence!r}")
     if not 0 < t.rollback_lr_factor < 1:
         problems.append(f"train.rollback_lr_factor must lie in (0, 1), got {t.rollback_lr_factor}")
+    if t.precision not in ("auto", "fp32", "bf16"):
+        problems.append(f"train.precision must be 'auto', 'fp32' or 'bf16', got {t.precision!r}")
+    if config.data.workers < -1:
+        problems.append(f"data.workers must be -1 (auto), 0 (load in the training process) or more, got {config.data.workers}")
     if t.max_rollbacks < 0:
         problems.append(f"train.max_rollbacks must not be negative, got {t.max_rollbacks}")
     if problems:

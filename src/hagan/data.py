@@ -147,7 +147,8 @@ class _SeededItems(Dataset):
         generator = getattr(getattr(self.dataset, "transform", None), "_generator", None)
         if isinstance(generator, torch.Generator):
             generator.manual_seed(item_seed)
-        return self.dataset[index]
+        # the seed travels with the item, so a transform applied later on the GPU draws the same
+        return {**self.dataset[index], "seed": item_seed}
 
 
 class _BatchKeys:
@@ -177,7 +178,7 @@ class InfiniteLoader:
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, pin_memory: bool = False):
         if len(dataset) == 0:
             raise HaganError("cannot draw batches from an empty dataset")
         if batch_size < 1:
@@ -191,6 +192,7 @@ class InfiniteLoader:
             )
         self.dataset, self.batch_size, self.seed = dataset, batch_size, int(seed)
         self.num_workers, self.rank, self.world_size = num_workers, rank, world_size
+        self.pin_memory = pin_memory
         self.local_batch = batch_size // world_size
         self.epoch, self.position = 0, 0
         self._cache: tuple[int, list[list[int]]] | None = None
@@ -215,6 +217,7 @@ class InfiniteLoader:
                 _SeededItems(self.dataset),
                 batch_sampler=_BatchKeys(self, self.epoch, self.position),
                 num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
             ))
         batch = next(self._iterator)
         self.position += 1
@@ -238,8 +241,10 @@ class InfiniteLoader:
 
 
 def infinite_loader(
-    dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, rank: int = 0, world_size: int = 1
+    dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, rank: int = 0, world_size: int = 1,
+    pin_memory: bool = False,
 ) -> InfiniteLoader:
     """Yield batches forever; same seed, same batches. The returned loader has ``state_dict`` /
-    ``load_state_dict`` for exact resumption, and shards the global batch across ranks."""
-    return InfiniteLoader(dataset, batch_size, seed, num_workers, rank, world_size)
+    ``load_state_dict`` for exact resumption, and shards the global batch across ranks. Each item
+    carries the ``seed`` its augmentation is drawn from."""
+    return InfiniteLoader(dataset, batch_size, seed, num_workers, rank, world_size, pin_memory)

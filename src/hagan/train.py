@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from . import accel
 from .augment import VolumeAugment
 from .checkpoint import clean_partial, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import Config, check_world_size, save_yaml
@@ -137,13 +138,16 @@ class Trainer:
         self.resume = resume
         self.progress = progress and self.dist.is_main
         self.stopped_by_signal = False
-        transform = VolumeAugment(seed=config.train.seed) if config.data.augment else None
-        self.dataset = CachedVolumeDataset(config.data.cache, transform=transform)
+        # augmentation runs on the training device, per item from the seed the loader gives it
+        self.volume_augment = VolumeAugment(seed=config.train.seed) if config.data.augment else None
+        self.dataset = CachedVolumeDataset(config.data.cache)
         self._check_data()
         if config.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.manual_seed(config.train.seed)
-        self.model = build_model(config).to(self.device)
+        if self.device.type == "cuda":
+            accel.configure_cuda(config.train.deterministic)
+        self.model = build_model(config).to(self.device).accelerate()
         self.model.dist = self.dist
         self.optimizers = self.model.optimizers()
         self.rng = torch.Generator().manual_seed(config.train.seed)
@@ -161,8 +165,27 @@ class Trainer:
         self.dist.barrier()
 
     def _make_loader(self, seed: int):
-        return infinite_loader(self.dataset, self.config.optim.batch_size, seed=seed,
-                               rank=self.dist.rank, world_size=self.dist.world_size)
+        cuda = self.device.type == "cuda"
+        return infinite_loader(self.dataset, self.config.optim.batch_size, seed=seed, num_workers=self.workers,
+                               rank=self.dist.rank, world_size=self.dist.world_size, pin_memory=cuda)
+
+    @property
+    def workers(self) -> int:
+        """``data.workers``; auto (-1) loads in 4 background processes when training on a GPU, which a
+        256^3 batch needs to keep up, and in the training process on CPU, where compute dominates."""
+        if self.config.data.workers >= 0:
+            return self.config.data.workers
+        return min(4, max(1, (os.cpu_count() or 2) // 2)) if self.device.type == "cuda" else 0
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        batch = next(self.loader)
+        if self.volume_augment is not None:
+            images = batch["image"].to(self.device, non_blocking=True)
+            for i, seed in enumerate(batch["seed"].tolist()):
+                self.volume_augment.reseed(seed)
+                images[i] = self.volume_augment(images[i])
+            batch["image"] = images
+        return batch
 
     def _check_data(self) -> None:
         m = self.config.model
@@ -389,7 +412,7 @@ class Trainer:
                         self.stopped_by_signal = stop.requested
                         break
                     try:
-                        logs = self._average_logs(self.model.train_step(next(self.loader), iteration, self.rng))
+                        logs = self._average_logs(self.model.train_step(self.next_batch(), iteration, self.rng))
                         bad = [k for k, v in logs.items() if not math.isfinite(v)]
                         if bad:
                             raise DivergenceError(None, logs[bad[0]], "non-finite value", name=bad[0])

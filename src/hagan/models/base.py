@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import accel
 from ..config import Config
 from ..distributed import DistContext, sync_gradients
 from ..errors import HaganError
@@ -95,6 +96,33 @@ class GenerativeModel(nn.Module, ABC):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    @property
+    def precision(self) -> str:
+        """``fp32`` or ``bf16``: ``train.precision`` resolved for the device the model is on."""
+        return accel.resolve_precision(self.config.train.precision, self.device)
+
+    def autocast(self):
+        """The context every forward pass of training and inference runs in."""
+        return accel.autocast(self.device, self.precision)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        channels_last = self.config.train.channels_last and self.device.type == "cuda"
+        return torch.channels_last_3d if channels_last else torch.contiguous_format
+
+    def accelerate(self) -> "GenerativeModel":
+        """Apply ``train.channels_last`` and ``train.compile`` once the model is on its device."""
+        if self.memory_format == torch.channels_last_3d:
+            self.to(memory_format=torch.channels_last_3d)
+        if self.config.train.compile:
+            for module in self.compiled_modules():
+                module.compile()
+        return self
+
+    def compiled_modules(self) -> list[nn.Module]:
+        """The networks ``train.compile`` compiles (those never differentiated twice)."""
+        return list(self.children())
 
     def latent(self, n: int, rng: torch.Generator) -> Tensor:
         """Standard normal latents drawn on the CPU generator so a seed means the same on every device."""

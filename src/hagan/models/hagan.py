@@ -13,6 +13,7 @@ from ..augment import AdaptiveAugmentStrength, diff_augment
 from ..config import Config
 from ..losses import discriminator_loss, generator_loss, gradient_penalty, r1_penalty
 from .base import GenerativeModel
+from .tiling import tiled_high_res
 from .networks import (
     CommonGenerator,
     GlobalEncoder,
@@ -56,6 +57,7 @@ class HAGAN(GenerativeModel):
             else None
         )
         self._optimizers: dict[str, torch.optim.Optimizer] | None = None
+        self.tile_depth = 0  # feature slices per G^H tile at inference (0: whole volume at once)
 
     # ----- geometry of slabs ---------------------------------------------------------------------
     @property
@@ -127,7 +129,8 @@ class HAGAN(GenerativeModel):
 
             def adam(modules: list[nn.Module | None], lr: float) -> torch.optim.Optimizer:
                 params = [p for module in modules if module is not None for p in module.parameters()]
-                return torch.optim.Adam(params, lr=lr, betas=betas, eps=1e-8)
+                fused = self.device.type == "cuda"  # one kernel for all parameters instead of several per tensor
+                return torch.optim.Adam(params, lr=lr, betas=betas, eps=1e-8, fused=fused)
 
             self._optimizers = {
                 "G": adam([self.common, self.low_gen, self.high_gen], o.lr_g),
@@ -141,7 +144,7 @@ class HAGAN(GenerativeModel):
     def train_step(self, batch: dict[str, Tensor], iteration: int, rng: torch.Generator) -> dict[str, float]:
         """The authors' order: D step, G step, E^H step, E^G step, each updating only its own module."""
         loss_cfg = self.config.loss
-        real = batch["image"].to(self.device)
+        real = batch["image"].to(self.device, memory_format=self.memory_format, non_blocking=True)
         onehot = self.onehot(batch["label"]) if self.num_classes else None
         labels = batch["label"].to(self.device) if self.num_classes else None
         b = real.shape[0]
@@ -157,19 +160,21 @@ class HAGAN(GenerativeModel):
         for module in (self.high_disc, self.low_disc):
             if module is not None:
                 module.requires_grad_(True)
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             fake_slab, fake_low = self.generate_parts(self.train_latent(b, rng), start, onehot)
         aug_real = (self.augment(real_slab, aug_rng), self.augment(real_low, aug_rng))
         aug_fake = (self.augment(fake_slab, aug_rng), self.augment(fake_low, aug_rng))
-        real_logit, real_cls = self.discriminate(*aug_real, r)
-        fake_logit, _ = self.discriminate(*aug_fake, r)
+        with self.autocast():
+            real_logit, real_cls = self.discriminate(*aug_real, r)
+            fake_logit, _ = self.discriminate(*aug_fake, r)
         d_loss = discriminator_loss(loss_cfg.kind, real_logit, fake_logit)
         logs["loss/D_adv"] = float(d_loss.detach())
         inputs_real = [x for x in aug_real if x is not None]
         inputs_fake = [x for x in aug_fake if x is not None]
 
         def critic(*xs: Tensor) -> Tensor:
-            return self.discriminate(xs[0], xs[1] if len(xs) > 1 else None, r)[0]
+            with self.autocast():
+                return self.discriminate(xs[0], xs[1] if len(xs) > 1 else None, r)[0].float()
 
         if loss_cfg.kind == "wgan-gp":
             gp = gradient_penalty(critic, inputs_real, inputs_fake, aug_rng)
@@ -195,8 +200,11 @@ class HAGAN(GenerativeModel):
         for module in (self.common, self.low_gen, self.high_gen):
             if module is not None:
                 module.requires_grad_(True)
-        fake_slab, fake_low = self.generate_parts(self.train_latent(b, rng), start, onehot)
-        fake_logit, fake_cls = self.discriminate(self.augment(fake_slab, aug_rng), self.augment(fake_low, aug_rng), r)
+        with self.autocast():
+            fake_slab, fake_low = self.generate_parts(self.train_latent(b, rng), start, onehot)
+            fake_logit, fake_cls = self.discriminate(
+                self.augment(fake_slab, aug_rng), self.augment(fake_low, aug_rng), r
+            )
         g_loss = generator_loss(loss_cfg.kind, fake_logit)
         logs["loss/G_adv"] = float(g_loss.detach())
         if fake_cls is not None:
@@ -217,21 +225,31 @@ class HAGAN(GenerativeModel):
         loss_cfg = self.config.loss
         self.requires_grad_(False)
         self.slab_encoder.requires_grad_(True)
-        slab_rec = self.high_gen(self.slab_encoder(real_slab))
+        with self.autocast():
+            slab_rec = self.high_gen(self.slab_encoder(real_slab))
         e_h = F.l1_loss(slab_rec.float(), real_slab.float())
         self.update("E_H", loss_cfg.lambda_recon_slab * e_h)
 
         self.slab_encoder.requires_grad_(False)
         self.global_encoder.requires_grad_(True)
-        with torch.no_grad():
-            slab_features = self.encode_slabs(real)
-        z_hat = self.global_encoder(slab_features)
-        slab_rec, low_rec = self.generate_parts(z_hat, start, onehot)
+        with self.autocast():
+            with torch.no_grad():
+                slab_features = self.encode_slabs(real)
+            z_hat = self.global_encoder(slab_features)
+            slab_rec, low_rec = self.generate_parts(z_hat, start, onehot)
         e_g = F.l1_loss(slab_rec.float(), real_slab.float())
         if low_rec is not None:
             e_g = (e_g + F.l1_loss(low_rec.float(), real_low.float())) / 2
         self.update("E_G", loss_cfg.lambda_recon_global * e_g)
         return {"loss/E_H": float(e_h.detach()), "loss/E_G": float(e_g.detach())}
+
+    def compiled_modules(self) -> list[nn.Module]:
+        """R1 and WGAN-GP differentiate the discriminators twice, which compiled graphs do not support."""
+        twice = self.config.loss.r1_gamma > 0 or self.config.loss.kind == "wgan-gp"
+        modules = [self.common, self.low_gen, self.high_gen, self.slab_encoder, self.global_encoder]
+        if not twice:
+            modules += [self.high_disc, self.low_disc]
+        return [m for m in modules if m is not None]
 
     def extra_state(self) -> dict[str, Any]:
         return {"augment": self.augment_strength.state_dict()} if self.augment_strength is not None else {}
@@ -244,13 +262,18 @@ class HAGAN(GenerativeModel):
     @torch.no_grad()
     def decode(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         """Full volumes from latents: the complete A goes through G^H, as the paper's inference."""
-        return self.high_gen(self.common(z.to(self.device), self.onehot(labels)))
+        with self.autocast():
+            features = self.common(z.to(self.device), self.onehot(labels))
+            if self.tile_depth:
+                return tiled_high_res(self.high_gen, features, self.tile_depth).float()
+            return self.high_gen(features).float()
 
     @torch.no_grad()
     def decode_low_res(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         if self.low_gen is None:
             raise ValueError("this model was trained without the low-resolution branch")
-        return self.low_gen(self.common(z.to(self.device), self.onehot(labels)))
+        with self.autocast():
+            return self.low_gen(self.common(z.to(self.device), self.onehot(labels))).float()
 
     def sample(self, n: int, rng: torch.Generator, labels: Tensor | None = None) -> Tensor:
         return self.decode(self.latent(n, rng), labels)
@@ -271,4 +294,5 @@ class HAGAN(GenerativeModel):
         expected = (1, self.size, self.size, self.size)
         if tuple(volumes.shape[1:]) != expected:
             raise ValueError(f"volumes must have shape (n, {', '.join(map(str, expected))}), got {tuple(volumes.shape)}")
-        return self.global_encoder(self.encode_slabs(volumes.to(self.device)))
+        with self.autocast():
+            return self.global_encoder(self.encode_slabs(volumes.to(self.device))).float()

@@ -13,11 +13,28 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import spectral_norm
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm
+
+from ..accel import full_precision
 
 GROUPS = 8
 LEAK = 0.2
 SUPPORTED_SIZES = tuple(2**k for k in range(5, 10))
+
+
+class Float32SpectralNorm(_SpectralNorm):
+    """PyTorch's spectral norm (same buffers, keys and initialisation) with the power iteration and the
+    division by sigma kept in float32 under bf16 autocast, where a bf16 estimate of sigma is too coarse."""
+
+    def forward(self, weight: Tensor) -> Tensor:
+        with full_precision(weight.device.type):
+            return super().forward(weight)
+
+
+def spectral_norm(module: nn.Module) -> nn.Module:
+    parametrize.register_parametrization(module, "weight", Float32SpectralNorm(module.weight))
+    return module
 
 
 def check_size(size: int) -> None:

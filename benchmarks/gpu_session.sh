@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: installs what its image lacks, unpacks the IXI subset carried in .gpu/,
+# preprocesses it to 128^3, then runs the stages named in $STAGES. Results go to $OUT/results.tar.gz.
+#   STAGES="bench train" OUT=/tmp/out bash benchmarks/gpu_session.sh
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/hagan-out}
+WORK=/tmp/hagan-work
+mkdir -p "$OUT" "$WORK"
+exec > >(tee "$OUT/log.txt") 2>&1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/src
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+started=$(date +%s)
+elapsed() { echo "[$(( $(date +%s) - started )) s] $*"; }
+if [ ! -d "$WORK/cache128" ]; then
+  mkdir -p "$WORK/ixi" && tar xJf .gpu/ixi110.tar.xz -C "$WORK/ixi"
+  python3 -m hagan.cli preprocess "$WORK/ixi" "$WORK/cache128" --recipe mri --size 128 2>&1 | tail -3
+fi
+elapsed "data ready"
+for stage in ${STAGES:-bench train}; do
+  case $stage in
+    bench)
+      timeout 240 python3 benchmarks/gpu_performance.py --variants fp32 bf16 bf16-cl --sizes 128 256 --out "$WORK/perf" ;;
+    bench512)
+      timeout 120 python3 benchmarks/gpu_performance.py --variants bf16 --sizes 512 --batch-sizes 2 --iterations 5 --warmup 2 --out "$WORK/perf"
+      timeout 60 python3 benchmarks/gpu_performance.py --variants bf16 --sizes 512 --batch-sizes 1 --iterations 3 --warmup 1 --tile-depth 16 --out "$WORK/perf"
+      timeout 60 python3 benchmarks/gpu_performance.py --variants bf16 --sizes 256 --batch-sizes 1 --iterations 5 --generate-batch 8 --out "$WORK/perf" ;;
+    compile)
+      timeout 300 python3 benchmarks/gpu_performance.py --variants bf16-compile --sizes 128 256 --batch-sizes 4 --out "$WORK/perf" ;;
+    train)
+      # the configurations side by side on the one GPU, each for the same wall-clock minutes
+      for config in ${CONFIGS:-paper small-data}; do
+        timeout $(( ${MINUTES:-3} * 60 + 150 )) python3 experiments/small_data.py --data "$WORK/cache128" --size 128 \
+          --minutes "${MINUTES:-3}" --configs "$config" --precision "${PRECISION:-auto}" --save-samples \
+          --out "$WORK/train-$config-${PRECISION:-auto}" > "$WORK/train-$config.log" 2>&1 &
+      done
+      wait
+      tail -n 3 "$WORK"/train-*.log ;;
+  esac
+  elapsed "stage $stage done"
+done
+nvidia-smi --query-gpu=memory.used --format=csv,noheader
+cp "$WORK"/train-*/samples_*.npz "$OUT"/ 2>/dev/null
+cd "$WORK" && tar czf "$OUT/results.tar.gz" --exclude='checkpoints' --exclude='cache128' --exclude='ixi' --exclude='*.npz' .
+ls -la "$OUT"

@@ -1,0 +1,51 @@
+"""The fast path on GPUs: bf16 autocast, TF32, channels-last layouts and torch.compile, chosen in one place.
+
+Everything here is a no-op on CPU unless asked for, so CPU runs stay the float32 reference that the
+tests compare the fast path against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``auto`` is bf16 on CUDA (the matrix units' fast mode) and float32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+
+def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``precision == "bf16"``; GroupNorm, losses and spectral norm stay float32
+    (autocast keeps group_norm in float32; losses and the power iteration upcast themselves)."""
+    device_type = torch.device(device).type
+    if precision != "bf16" or device_type not in ("cuda", "cpu"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+@contextlib.contextmanager
+def full_precision(device_type: str) -> Iterator[None]:
+    """Leave autocast for a numerically sensitive region (e.g. the spectral-norm power iteration)."""
+    if device_type in ("cuda", "cpu"):
+        with torch.autocast(device_type, enabled=False):
+            yield
+    else:
+        yield
+
+
+def configure_cuda(deterministic: bool = False) -> None:
+    """TF32 matrix products and convolutions, and cuDNN's autotuner unless runs must be deterministic."""
+    if not torch.cuda.is_available():
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = not deterministic
