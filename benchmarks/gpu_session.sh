@@ -31,12 +31,15 @@ for stage in ${STAGES:-bench train}; do
       timeout 300 python3 benchmarks/gpu_performance.py --variants bf16-compile --sizes 128 256 --batch-sizes 4 --out "$WORK/perf" ;;
     train)
       # the configurations side by side on the one GPU, each for the same wall-clock minutes
+      pids=""
       for config in ${CONFIGS:-paper small-data}; do
-        timeout $(( ${MINUTES:-3} * 60 + 150 )) python3 experiments/small_data.py --data "$WORK/cache128" --size 128 \
+        rm -rf "$WORK/train-$config-${PRECISION:-auto}"
+        timeout $(( ${MINUTES:-3} * 60 + 90 )) python3 experiments/small_data.py --data "$WORK/cache128" --size 128 \
           --minutes "${MINUTES:-3}" --configs "$config" --precision "${PRECISION:-auto}" --save-samples \
           --out "$WORK/train-$config-${PRECISION:-auto}" > "$WORK/train-$config.log" 2>&1 &
+        pids="$pids $!"
       done
-      wait
+      wait $pids  # not a bare wait: that would also wait for the tee of this script's own log
       tail -n 3 "$WORK"/train-*.log ;;
   esac
   elapsed "stage $stage done"

@@ -24,8 +24,8 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 
 
 def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for ``precision == "bf16"``; GroupNorm, losses and spectral norm stay float32
-    (autocast keeps group_norm in float32; losses and the power iteration upcast themselves)."""
+    """bf16 autocast for ``precision == "bf16"``; losses and spectral norm stay float32 (they upcast
+    themselves), and so does GroupNorm on CUDA, where autocast runs group_norm in float32."""
     device_type = torch.device(device).type
     if precision != "bf16" or device_type not in ("cuda", "cpu"):
         return contextlib.nullcontext()

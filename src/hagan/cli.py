@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                    help="override the run's train.precision (auto: bf16 on GPUs, float32 on CPU)")
     p.add_argument("--tile-depth", type=int, default=0,
-                   help="G^H over depth tiles of this many feature slices: the same volume in less memory (0: off)")
+                   help="G^H over depth tiles of this many feature slices: the same volume in less memory (0: untiled below 512^3)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("encode", help="encode volumes to latent codes")
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-limit-gb", type=float, help="skip configurations predicted above this (CPU default: 90%% of free RAM)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-isolate", action="store_true", help="measure in this process instead of fresh ones")
-    p.add_argument("--tile-depth", type=int, default=0, help="generate with G^H over depth tiles (0: untiled)")
+    p.add_argument("--tile-depth", type=int, default=0, help="generate with G^H over depth tiles (0: untiled below 512^3)")
     p.add_argument("--out", help="folder for bench.json and bench.png")
     p.add_argument("--json", action="store_true", help="print rows as JSON")
     p.set_defaults(func=cmd_bench)

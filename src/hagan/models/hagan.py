@@ -25,6 +25,9 @@ from .networks import (
 )
 
 SLABS_PER_VOLUME = 8
+# from 512^3 on, G^H's last upsampled intermediate has more than 2^31 elements, past what CUDA kernels
+# index (an H100 answers "invalid argument"), so inference there always runs over depth tiles
+UNTILED_LIMIT = 512
 LOW_RES_FACTOR = 4
 
 
@@ -57,7 +60,7 @@ class HAGAN(GenerativeModel):
             else None
         )
         self._optimizers: dict[str, torch.optim.Optimizer] | None = None
-        self.tile_depth = 0  # feature slices per G^H tile at inference (0: whole volume at once)
+        self.tile_depth = 0  # feature slices per G^H tile at inference (0: whole volume at once, except 512^3)
 
     # ----- geometry of slabs ---------------------------------------------------------------------
     @property
@@ -264,8 +267,8 @@ class HAGAN(GenerativeModel):
         """Full volumes from latents: the complete A goes through G^H, as the paper's inference."""
         with self.autocast():
             features = self.common(z.to(self.device), self.onehot(labels))
-            if self.tile_depth:
-                return tiled_high_res(self.high_gen, features, self.tile_depth).float()
+            if self.tile_depth or self.size >= UNTILED_LIMIT:
+                return tiled_high_res(self.high_gen, features, self.tile_depth or self.slab_features).float()
             return self.high_gen(features).float()
 
     @torch.no_grad()
