@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from .accel import PRECISIONS
 from .errors import HaganError
 from .io import write_text_atomic
 
@@ -200,8 +201,8 @@ def validate(config: Config, source: str = "config") -> None:
         problems.append(f"train.on_divergence must be 'stop' or 'rollback', got {t.on_divergence!r}")
     if not 0 < t.rollback_lr_factor < 1:
         problems.append(f"train.rollback_lr_factor must lie in (0, 1), got {t.rollback_lr_factor}")
-    if t.precision not in ("auto", "fp32", "bf16"):
-        problems.append(f"train.precision must be 'auto', 'fp32' or 'bf16', got {t.precision!r}")
+    if t.precision not in PRECISIONS:
+        problems.append(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     if config.data.workers < -1:
         problems.append(f"data.workers must be -1 (auto), 0 (load in the training process) or more, got {config.data.workers}")
     if t.max_rollbacks < 0:
