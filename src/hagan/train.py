@@ -139,7 +139,7 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         self.stopped_by_signal = False
         # augmentation runs on the training device, per item from the seed the loader gives it
-        self.volume_augment = VolumeAugment(seed=config.train.seed) if config.data.augment else None
+        self.volume_augment = VolumeAugment() if config.data.augment else None
         self.dataset = CachedVolumeDataset(config.data.cache)
         self._check_data()
         if config.train.deterministic:
