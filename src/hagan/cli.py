@@ -14,6 +14,7 @@ import numpy as np
 from . import __version__
 from .config import PRESETS, build_config, parse_assignment
 from .errors import HaganError, VolumeError
+from .models import MODELS
 
 
 def cmd_phantoms(args: argparse.Namespace) -> None:
@@ -37,6 +38,7 @@ def training_overrides(args: argparse.Namespace) -> list[dict]:
     overrides: list[dict] = [parse_assignment(item) for item in args.set or []]
     flags = {
         ("data", "cache"): args.data,
+        ("model", "name"): args.model,
         ("model", "size"): args.size,
         ("model", "num_classes"): args.num_classes,
         ("train", "iterations"): args.iterations,
@@ -278,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="cache folder from `hagan preprocess`")
     p.add_argument("--out", required=True, help="run folder (checkpoints, samples, logs)")
     p.add_argument("--config", help="YAML config; flags override it")
+    p.add_argument("--model", choices=list(MODELS), help="model to train (default hagan, or the preset's)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--preset", choices=sorted(PRESETS), help="named configuration")
     group.add_argument("--size", type=int, help="output cube edge, 32..512")

@@ -14,6 +14,7 @@ import yaml
 from .accel import PRECISIONS
 from .errors import HaganError
 from .io import write_text_atomic
+from .sections import baselines as baseline_section, patch as patch_section, progressive as progressive_section
 
 
 @dataclass
@@ -89,6 +90,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    patch: patch_section.PatchConfig = field(default_factory=patch_section.PatchConfig)
+    progressive: progressive_section.ProgressiveConfig = field(default_factory=progressive_section.ProgressiveConfig)
+    baseline: baseline_section.BaselineConfig = field(default_factory=baseline_section.BaselineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,6 +122,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "loss": {**SMALL_DATA["loss"], "ada_kimg": 2.0},
         "train": {"iterations": 600, "log_every": 10, "sample_every": 200, "checkpoint_every": 200},
     },
+    **patch_section.PRESETS,
+    **progressive_section.PRESETS,
+    **baseline_section.PRESETS,
 }
 
 
@@ -207,6 +214,8 @@ def validate(config: Config, source: str = "config") -> None:
         problems.append(f"data.workers must be -1 (auto), 0 (load in the training process) or more, got {config.data.workers}")
     if t.max_rollbacks < 0:
         problems.append(f"train.max_rollbacks must not be negative, got {t.max_rollbacks}")
+    for name in ("patch", "progressive", "baseline"):
+        problems += [f"{name}.{problem}" for problem in getattr(config, name).problems()]
     if problems:
         raise HaganError(f"{source}: " + "; ".join(problems))
 
