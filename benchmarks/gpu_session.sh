@@ -2,13 +2,17 @@
 # One call on a lent GPU machine: installs what its image lacks, unpacks the IXI subset carried in .gpu/,
 # preprocesses it to 128^3, then runs the stages named in $STAGES. Results go to $OUT/results.tar.gz.
 #   STAGES="bench train" OUT=/tmp/out bash benchmarks/gpu_session.sh
+# Work longer than one call: `launch` starts each line of $JOBS ("NAME<TAB>COMMAND", $WORK usable) in its own
+# session, so it outlives the call while the machine stays held; `wait` polls up to $WAIT_SECONDS for them.
+#   STAGES="launch wait" JOBS=.gpu/jobs.tsv WAIT_SECONDS=500 bash benchmarks/gpu_session.sh   (first call)
+#   STAGES="wait" WAIT_SECONDS=500 bash benchmarks/gpu_session.sh                               (next calls)
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/hagan-out}
 WORK=/tmp/hagan-work
 mkdir -p "$OUT" "$WORK"
 exec > >(tee "$OUT/log.txt") 2>&1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
@@ -41,10 +45,27 @@ for stage in ${STAGES:-bench train}; do
       done
       wait $pids  # not a bare wait: that would also wait for the tee of this script's own log
       tail -n 3 "$WORK"/train-*.log ;;
+    launch)
+      mkdir -p "$WORK/jobs"
+      while IFS=$'\t' read -r name command; do
+        [ -z "$name" ] && continue
+        WORK=$WORK setsid nohup bash -c "( $command ) > '$WORK/jobs/$name.log' 2>&1; echo \$? > '$WORK/jobs/$name.rc'" \
+          > /dev/null 2>&1 < /dev/null &
+        echo "launched $name"
+      done < "${JOBS:-.gpu/jobs.tsv}"
+      cp "${JOBS:-.gpu/jobs.tsv}" "$WORK/jobs/list.tsv" ;;
+    wait)
+      deadline=$(( $(date +%s) + ${WAIT_SECONDS:-480} ))
+      total=$(grep -c . "$WORK/jobs/list.tsv")
+      while [ "$(ls "$WORK"/jobs/*.rc 2>/dev/null | wc -l)" -lt "$total" ] && [ "$(date +%s)" -lt "$deadline" ]; do
+        sleep 10
+      done
+      for log in "$WORK"/jobs/*.log; do echo "== $log (rc $(cat "${log%.log}.rc" 2>/dev/null || echo running))"; tail -n 2 "$log"; done
+      nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader ;;
   esac
   elapsed "stage $stage done"
 done
 nvidia-smi --query-gpu=memory.used --format=csv,noheader
-cp "$WORK"/train-*/samples_*.npz "$OUT"/ 2>/dev/null
+cp "$WORK"/train-*/samples_*.npz "$WORK"/jobs/*/samples_*.npz "$OUT"/ 2>/dev/null
 cd "$WORK" && tar czf "$OUT/results.tar.gz" --exclude='checkpoints' --exclude='cache128' --exclude='ixi' --exclude='*.npz' .
 ls -la "$OUT"

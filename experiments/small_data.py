@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from hagan.api import load_run
+from hagan.checkpoint import list_checkpoints
 from hagan.config import build_config
 from hagan.data import CachedVolumeDataset, load_manifest
 from hagan.errors import HaganError
@@ -43,6 +44,37 @@ def grey_levels(volumes: np.ndarray) -> torch.Tensor:
     return torch.from_numpy((volumes + 1) / 2 * 255)
 
 
+def diversity_curve(run_dir: Path, samples: int, device: str) -> list[list[float]]:
+    """(iteration, diversity of ``samples`` volumes from seed 0) at every checkpoint the run kept."""
+    curve = []
+    for checkpoint in list_checkpoints(run_dir / "checkpoints"):
+        run = load_run(run_dir, checkpoint=checkpoint, device=device)
+        curve.append([run.iteration, pairwise_mean_abs_diff(grey_levels(run.generate(samples, seed=0)))])
+    return curve
+
+
+def plot_diversity(results: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, result in results.items():
+        if "diversity_curve" in result:
+            iterations, values = zip(*result["diversity_curve"])
+            ax.plot(iterations, values, marker="o", label=name)
+    ax.axhline(results["real"]["pairwise_mad_grey"], color="k", linestyle="--", label="real")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("pairwise mean abs. difference (grey levels)")
+    ax.set_title("sample diversity during training")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="folder of real volumes, or a cache from `hagan preprocess`")
@@ -59,6 +91,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--track-every", type=int, default=0,
+                        help="keep a checkpoint every N iterations and report the sample diversity at each (0: end only)")
     parser.add_argument("--save-samples", action="store_true",
                         help="also write the samples as uint8 grey levels (samples_NAME.npz) for scoring elsewhere")
     args = parser.parse_args()
@@ -87,7 +121,9 @@ def main() -> None:
             {"optim": {"batch_size": args.batch_size}},
             {"train": {"iterations": args.iterations, "max_minutes": args.minutes, "device": args.device,
                        "precision": args.precision, "seed": args.seed,
-                       "sample_every": 500, "checkpoint_every": 1000, "log_every": 20}},
+                       "sample_every": 500, "log_every": 20,
+                       **({"checkpoint_every": args.track_every, "keep_checkpoints": 10_000} if args.track_every
+                          else {"checkpoint_every": 1000})}},
         ]
         run_dir = out / name
         started = time.perf_counter()
@@ -107,7 +143,11 @@ def main() -> None:
             "train_seconds": round(seconds, 1),
             "pairwise_mad_grey": pairwise_mean_abs_diff(grey_levels(samples)),
         }
+        if args.track_every:
+            results[name]["diversity_curve"] = diversity_curve(run_dir, args.samples, args.device)
         print(json.dumps({name: results[name]}), flush=True)
+    if args.track_every:
+        plot_diversity(results, out / "diversity.png")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
