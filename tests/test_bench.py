@@ -1,5 +1,6 @@
 """hagan bench: rows with the expected keys and positive numbers, parameter counts as `hagan summary`,
-status rows instead of crashes for configurations that do not fit, and readable JSON and PNG output."""
+every registered model measured, status rows instead of crashes for configurations that do not fit and
+models that are not there, and readable JSON and PNG output."""
 
 import json
 
@@ -9,6 +10,8 @@ import pytest
 from hagan import bench
 from hagan.bench import ROW_KEYS, bench_config, estimate_memory, meta_model, param_counts, run_bench, save_bench
 from hagan.cli import main as cli_main
+from hagan.models import MODELS
+from hagan.models.baselines import Baseline
 
 TINY = dict(sizes=[32], batch_sizes=[2], width=0.125, config_overrides=[{"model": {"latent_dim": 16}}],
             iterations=1, warmup=1, device="cpu", progress=False, threads=1, max_seconds=300)
@@ -17,10 +20,10 @@ POSITIVE = ("train_it_per_s", "train_seconds_per_it", "train_peak_mem_bytes", "g
             "params_total")
 
 
-def check_row(row):
+def check_row(row, model="hagan"):
     assert set(ROW_KEYS) <= set(row), set(ROW_KEYS) - set(row)
     assert row["status"] == "ok", row
-    assert (row["model"], row["size"], row["batch"], row["width"], row["dtype"]) == ("hagan", 32, 2, 0.125, "float32")
+    assert (row["model"], row["size"], row["batch"], row["width"], row["dtype"]) == (model, 32, 2, 0.125, "float32")
     for key in POSITIVE:
         assert row[key] > 0, key
     assert row["train_it_per_s"] == pytest.approx(1 / row["train_seconds_per_it"])
@@ -89,6 +92,46 @@ def test_out_of_memory_and_child_failures_become_status_rows(monkeypatch):
 def test_unknown_model_is_a_row():
     row, = run_bench(models=["nope"], **{k: v for k, v in TINY.items()})
     assert row["status"].startswith("skipped: unknown model")
+
+
+BASELINES = ("wgan-gp", "alpha-gan", "vae-gan")
+
+
+def test_every_baseline_is_measured_with_parameters_per_network_and_counted_flops():
+    # the gradient-penalty critics differentiate twice: FLOPs must still be counted (checked positive)
+    rows = run_bench(models=BASELINES, isolate=False, **{k: v for k, v in TINY.items()})
+    for name, row in zip(BASELINES, rows):
+        check_row(row, name)
+        children = dict(meta_model(bench_config(name, 32, 2, 0.125, "cpu", TINY["config_overrides"])).named_children())
+        assert row["params"] == {k: sum(p.numel() for p in m.parameters()) for k, m in children.items()}
+        assert 0 < row["estimated_train_mem_bytes"] and 0 < row["estimated_gen_mem_bytes"]
+
+
+def test_registered_model_without_its_module_is_a_row(monkeypatch):
+    monkeypatch.setitem(MODELS, "ghost", "hagan.models.ghost:GhostGAN")
+    row, = run_bench(models=["ghost"], **{k: v for k, v in TINY.items()})
+    assert row["status"].startswith("skipped: model not available (hagan.models.ghost:GhostGAN")
+
+
+def test_model_that_cannot_be_built_at_a_size_is_a_row(monkeypatch):
+    def refuse(config):
+        raise ValueError(f"no {config.model.size}^3 variant")
+
+    monkeypatch.setattr(bench, "meta_model", refuse)
+    row, = run_bench(models=["wgan-gp"], isolate=False, **{k: v for k, v in TINY.items()})
+    assert row["status"] == "skipped: cannot build wgan-gp at 32^3 (ValueError: no 32^3 variant)"
+    assert "32^3 batch 2: skipped" in bench.format_row(row)
+
+
+def test_baseline_estimate_grows_and_a_model_without_probes_is_measured_unguarded(monkeypatch):
+    small = estimate_memory(bench_config("alpha-gan", 32, 2, 0.25, "cpu"))
+    large = estimate_memory(bench_config("alpha-gan", 64, 4, 0.25, "cpu"), generate_batch=2)
+    assert small["train"] < large["train"] and small["generate"] < large["generate"]
+    monkeypatch.delattr(Baseline, "memory_probes")
+    assert estimate_memory(bench_config("alpha-gan", 32, 2, 0.25, "cpu"))["train"] is None
+    row, = run_bench(models=["wgan-gp"], isolate=False, memory_limit_bytes=1, **{k: v for k, v in TINY.items()})
+    assert row["estimated_train_mem_bytes"] is None and row["train_status"] == "ok"
+    assert row["gen_status"].startswith("skipped: predicted")
 
 
 def test_estimate_grows_with_size_and_batch():

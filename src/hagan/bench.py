@@ -4,8 +4,14 @@ For each model in ``hagan.models.MODELS``, each output size and each batch size,
 parameter counts, training iterations per second (one iteration = all of a model's update steps; for
 HA-GAN the D, G, E^H and E^G steps of ``train_step``, on random data in [-1, 1]), the peak memory of
 training, the time to generate one volume and its peak memory, and the FLOPs of one iteration and one
-generation counted with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix products
+generation counted with ``torch.utils.flop_counter``'s formulas (convolutions and matrix products
 only), from which the achieved TFLOP/s follow.
+
+Any registered ``GenerativeModel`` can be measured: parameters are counted per child module (HA-GAN's by
+its seven paper modules), the random batch has the trainer's keys and ``model.size``, and the memory
+guard's estimate uses the model's ``memory_probes(batch_size)`` where it has one (a callable per update
+step running that step's forward passes), else no training estimate and no training guard. A model
+whose module cannot be imported, or that cannot be built at a size, is a row saying so.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` on GPU, and the
 peak resident set size on CPU. On Linux the CPU peak is the kernel's ``VmHWM`` of the measuring process,
@@ -41,11 +47,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from .accel import configure_cuda, resolve_precision
 from .config import build_config
 from .io import atomic_write, write_text_atomic
-from .models import MODELS, build_model
+from .models import MODELS, build_model, model_class
 
 RESULT_MARKER = "HAGAN_BENCH_RESULT "
 DEFAULT_SIZES = (32, 64, 128)
@@ -199,13 +207,15 @@ def _leaf_output_bytes(model: nn.Module, fn) -> tuple[int, int]:
     return total, largest
 
 
-def estimate_memory(config, generate_batch: int = 1, model: nn.Module | None = None) -> dict[str, int]:
+def estimate_memory(config, generate_batch: int = 1, model: nn.Module | None = None) -> dict[str, int | None]:
     """A quick meta-device estimate of peak training and generation memory (bytes), for the guard.
 
     Training: weights, gradients and two Adam moments, the real batch, and the activations of the largest
-    update step (G step or E^G step) times ``TRAIN_ACTIVATION_FACTOR``. Generation: weights plus
-    ``GEN_LAYER_FACTOR`` times the largest input-plus-output of one layer on the generation batch.
-    Meant to be within a factor of about two; the guard multiplies it by ``ESTIMATE_SAFETY``.
+    update step (for HA-GAN the G step or the E^G step; for other models the largest of their
+    ``memory_probes``) times ``TRAIN_ACTIVATION_FACTOR``. Generation: weights plus ``GEN_LAYER_FACTOR``
+    times the largest input-plus-output of one layer on the generation batch. Meant to be within a
+    factor of about two; the guard multiplies it by ``ESTIMATE_SAFETY``. None where a model offers no
+    way to estimate a phase (no ``memory_probes``, or a pass that does not run on the meta device).
     """
     from .models.hagan import HAGAN
 
@@ -214,8 +224,8 @@ def estimate_memory(config, generate_batch: int = 1, model: nn.Module | None = N
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     b, s = config.optim.batch_size, config.model.size
     real_bytes = b * s**3 * 4
-    if not isinstance(model, HAGAN):  # a rough default for models without their own estimate
-        return {"train": 4 * params + 8 * real_bytes, "generate": params + 8 * generate_batch * s**3 * 4}
+    if not isinstance(model, HAGAN):
+        return _generic_estimate(model, params, real_bytes, b, generate_batch)
     onehot = None
     if model.num_classes:
         onehot = torch.zeros(b, model.num_classes, device="meta")
@@ -243,6 +253,26 @@ def estimate_memory(config, generate_batch: int = 1, model: nn.Module | None = N
     train_act = max(_leaf_output_bytes(model, g_step)[0], _leaf_output_bytes(model, eg_step)[0])
     return {"train": int(4 * params + real_bytes + TRAIN_ACTIVATION_FACTOR * train_act),
             "generate": int(params + GEN_LAYER_FACTOR * _leaf_output_bytes(model, generate)[1])}
+
+
+def _generic_estimate(model: nn.Module, params: int, real_bytes: int, batch: int,
+                      generate_batch: int) -> dict[str, int | None]:
+    """The estimate through the model's public surface: ``memory_probes`` for training, ``sample`` for generation."""
+    estimate: dict[str, int | None] = {"train": None, "generate": None}
+    probes = getattr(model, "memory_probes", None)
+    try:
+        if probes is not None:
+            largest = max(_leaf_output_bytes(model, probe)[0] for probe in probes(batch).values())
+            estimate["train"] = int(4 * params + real_bytes + TRAIN_ACTIVATION_FACTOR * largest)
+    except Exception:  # noqa: BLE001 - no estimate, so no guard for this phase; the measurement still runs
+        pass
+    try:
+        with torch.no_grad():
+            layer = _leaf_output_bytes(model, lambda: model.sample(generate_batch, torch.Generator()))[1]
+        estimate["generate"] = int(params + GEN_LAYER_FACTOR * layer)
+    except Exception:  # noqa: BLE001 - as above
+        pass
+    return estimate
 
 
 # ----- one measurement (in this process or a child) --------------------------------------------------------
@@ -277,22 +307,39 @@ def _gib(n: float) -> str:
 
 
 def _random_batch(config, device: str, rng: torch.Generator) -> dict[str, torch.Tensor]:
+    """What the trainer hands ``train_step``: the same keys, dtypes and shapes (S = ``model.size``)."""
     b, s = config.optim.batch_size, config.model.size
     image = (torch.rand(b, 1, s, s, s, generator=rng) * 2 - 1).to(device)
     if config.model.num_classes:
         label = torch.randint(0, config.model.num_classes, (b,), generator=rng)
     else:
         label = torch.full((b,), -1, dtype=torch.long)
-    return {"image": image, "label": label.to(device)}
+    return {"image": image, "label": label.to(device), "index": torch.arange(b),
+            "seed": torch.randint(0, 2**31 - 1, (b,), generator=rng)}
+
+
+class _FlopCount(TorchDispatchMode):
+    """Total FLOPs of the convolutions and matrix products run inside it, by ``FlopCounterMode``'s own
+    formulas. ``FlopCounterMode`` itself also tracks modules through backward hooks, which
+    ``autograd.grad`` refuses on leaf inputs, so it cannot count a step with a gradient penalty or R1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
 
 
 def _counted(fn) -> tuple[Any, int]:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
+    with _FlopCount() as counter:
         out = fn()
-    return out, int(counter.get_total_flops())
+    return out, int(counter.total)
 
 
 def _time_guard(max_seconds: float | None, started: float, first_seconds: float, remaining: int, what: str) -> None:
@@ -440,8 +487,13 @@ def _one_config(model_name: str, size: int, batch: int, *, device: str, iteratio
                 generate_batch: int, width: float, config_overrides, isolate: bool, max_seconds: float | None,
                 memory_limit_bytes: int | None, threads: int | None, idle: dict[str, int], name: str,
                 gen_cache: dict[str, Any] | None = None, tile_depth: int = 0) -> dict[str, Any]:
-    config = bench_config(model_name, size, batch, width, device, config_overrides)
-    shapes = meta_model(config)
+    try:
+        config = bench_config(model_name, size, batch, width, device, config_overrides)
+        shapes = meta_model(config)
+    except Exception as err:  # noqa: BLE001 - e.g. a size the model does not support: a row, not a crash
+        return {"model": model_name, "size": size, "batch": batch, "width": width, "device": device,
+                "device_name": name, "torch": torch.__version__,
+                "status": f"skipped: cannot build {model_name} at {size}^3 ({type(err).__name__}: {err})"}
     counts = param_counts(config, shapes)
     estimate = estimate_memory(config, generate_batch, shapes)
     cuda = device.startswith("cuda")
@@ -476,6 +528,8 @@ def _one_config(model_name: str, size: int, batch: int, *, device: str, iteratio
     phases_wanted = ["train"] if gen_cache is not None and "gen_status" in gen_cache else ["train", "generate"]
     for phase, key, status_key in (("train", "train", "train_status"), ("generate", "generate", "gen_status")):
         # on CPU the peak RSS includes the idle process
+        if estimate[key] is None:  # the model offers no estimate of this phase: measured unguarded
+            continue
         needed = int(ESTIMATE_SAFETY * estimate[key]) + (0 if cuda else idle.get("bytes", 0))
         if phase in phases_wanted and limit and needed > limit:  # refused before any child starts
             row[status_key] = f"skipped: predicted {_gib(needed)} > limit {_gib(limit)}"
@@ -533,8 +587,9 @@ def run_bench(
     memory guard (default on CPU: 90 % of the available RAM; on GPU none, a CUDA OOM is caught instead).
     ``threads`` sets ``torch.set_num_threads`` in the measuring process; ``tile_depth`` > 0 generates
     with G^H over depth tiles. Precision, channels-last and compilation come from ``config_overrides``
-    (``train.precision``, ``train.channels_last``, ``train.compile``). Models not in
-    ``hagan.models.MODELS`` are skipped with a row saying so.
+    (``train.precision``, ``train.channels_last``, ``train.compile``). A model not in
+    ``hagan.models.MODELS``, one whose module cannot be imported, and one that cannot be built at a
+    size each give a row saying so.
     """
     if iterations < 1 or warmup < 0 or generate_batch < 1:
         raise ValueError("iterations and generate_batch must be at least 1 and warmup not negative")
@@ -552,6 +607,12 @@ def run_bench(
         if model_name not in MODELS:
             rows.append({"model": model_name, "device": device, "device_name": name, "torch": torch.__version__,
                          "status": f"skipped: unknown model (available: {', '.join(MODELS)})"})
+            continue
+        try:
+            model_class(model_name)
+        except (ImportError, AttributeError) as err:  # registered, but its module is not (yet) there
+            rows.append({"model": model_name, "device": device, "device_name": name, "torch": torch.__version__,
+                         "status": f"skipped: model not available ({MODELS[model_name]}: {err})"})
             continue
         for size in sizes:
             gen_cache: dict[str, Any] = {}
@@ -577,6 +638,8 @@ def format_row(row: dict[str, Any]) -> str:
 
     if "size" not in row:
         return f"{row['model']}: {row['status']}"
+    if "params_total" not in row:
+        return f"{row['model']} {row['size']}^3 batch {row['batch']}: {row['status']}"
     return (f"{row['model']} {row['size']}^3 batch {row['batch']} width {row['width']:g} on {row['device']}: "
             f"train {num(row.get('train_it_per_s'), '.3g')} it/s peak {mem(row.get('train_peak_mem_bytes'))}, "
             f"generate {num(row.get('gen_seconds_per_volume'), '.3g')} s/volume peak "
