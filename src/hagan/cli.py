@@ -29,7 +29,7 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
 
     report = preprocess_folder(
         args.src, args.dst, recipe=args.recipe, size=args.size, mode=args.mode, trim=not args.no_trim,
-        labels_csv=args.labels, label_column=args.label_column, progress=True,
+        labels_csv=args.labels, label_column=args.label_column, progress=True, segmentations=args.segmentations,
     )
     print(report.summary())
 
@@ -274,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-trim", action="store_true", help="keep blank axial slices at the ends")
     p.add_argument("--labels", help="CSV with a file column and a class-label column")
     p.add_argument("--label-column", help="column of --labels holding integer classes")
+    p.add_argument("--segmentations", metavar="LABEL_FOLDER",
+                   help="folder of label maps on the images' grids (same file name, or the name plus a suffix "
+                        "like _DLMUSE), cached beside each cube with nearest-neighbour resampling")
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("train", help="train a model on a preprocessed cache")

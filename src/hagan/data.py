@@ -38,7 +38,9 @@ class CachedVolumeDataset(Dataset):
     """Cubes from a hagan cache, memory-mapped so that only the items in use are read.
 
     Items are ``{"image": float32 (1, S, S, S), "label": int64 scalar (-1 unknown), "index": int}``
-    where ``index`` is the entry's position in the manifest (stable across train/val subsets).
+    where ``index`` is the entry's position in the manifest (stable across train/val subsets); a cache
+    written with label maps (``hagan preprocess --segmentations``) adds ``"segmentation"``, int64
+    (1, S, S, S) on the image's grid, 0 for background. ``transform`` acts on the image only.
     """
 
     def __init__(
@@ -55,7 +57,7 @@ class CachedVolumeDataset(Dataset):
         bad = [i for i in self.indices if not 0 <= i < len(entries)]
         if bad:
             raise HaganError(f"{self.cache_dir}: indices {bad[:5]} out of range for {len(entries)} entries")
-        files = [entries[i]["file"] for i in self.indices]
+        files = [entries[i][key] for i in self.indices for key in ("file", "segmentation") if key in entries[i]]
         missing = [f for f in files if not (self.cache_dir / f).is_file()]
         if missing:
             raise HaganError(
@@ -73,7 +75,11 @@ class CachedVolumeDataset(Dataset):
         image = torch.from_numpy(np.array(array, dtype=np.float32))[None]
         if self.transform is not None:
             image = self.transform(image)
-        return {"image": image, "label": torch.tensor(int(entry["label"]), dtype=torch.int64), "index": index}
+        item = {"image": image, "label": torch.tensor(int(entry["label"]), dtype=torch.int64), "index": index}
+        if "segmentation" in entry:
+            labels = np.load(self.cache_dir / entry["segmentation"], mmap_mode="r")
+            item["segmentation"] = torch.from_numpy(np.array(labels, dtype=np.int64))[None]
+        return item
 
     @property
     def size(self) -> int:
@@ -82,6 +88,11 @@ class CachedVolumeDataset(Dataset):
     @property
     def num_classes(self) -> int:
         return int(self.manifest["num_classes"])
+
+    @property
+    def segmentation_labels(self) -> int:
+        """The largest label value of the cached label maps (0: no label maps)."""
+        return int(self.manifest.get("segmentation_labels", 0))
 
     @property
     def reference_affine(self) -> np.ndarray:

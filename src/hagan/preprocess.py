@@ -30,6 +30,9 @@ from hagan.io import (
 CANONICAL_AXCODES = ("S", "A", "R")
 BACKGROUND = -1.0
 CACHE_FORMAT = "hagan-cache/1"
+# label maps are stored in the smallest unsigned type that holds their largest value
+MAX_SEGMENTATION_LABEL = np.iinfo(np.uint16).max
+LABEL_NAME_SEPARATORS = "_-."
 FIT_MODES = ("resize_keep_aspect", "resize", "pad")
 CT_WINDOW_HU = (-1024.0, 600.0)
 MRI_PERCENTILE = 99.9
@@ -233,6 +236,59 @@ def _preprocess_guarded(
         raise VolumeError(source, f"preprocessing failed ({type(exc).__name__}: {detail})") from exc
 
 
+class SegmentationFolder:
+    """Label maps matched to images by file name: the same stem (MSD's ``images/x.nii.gz`` and
+    ``labels/x.nii.gz``), or the image's stem followed by a separator and a suffix (IXI's
+    ``IXI013-HH-1212_T1.nii.gz`` and ``IXI013-HH-1212_T1_DLMUSE.nii.gz``)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.stems = [(volume_stem(path), path) for path in list_volume_paths(self.folder)]
+
+    def match(self, image: Path) -> Path:
+        stem = volume_stem(image)
+        found = [path for name, path in self.stems if name == stem] or [
+            path for name, path in self.stems
+            if name.startswith(stem) and name[len(stem) : len(stem) + 1] in tuple(LABEL_NAME_SEPARATORS)
+        ]
+        if not found:
+            raise VolumeError(display_path(image), f"no label map named like it in {display_path(self.folder)}")
+        if len(found) > 1:
+            names = ", ".join(path.name for path in found)
+            raise VolumeError(display_path(image), f"several label maps match it ({names})")
+        return found[0]
+
+
+def segmentation_on_cube(labels: Volume, image: Volume, cube: Volume, source: str = "<labels>") -> np.ndarray:
+    """A label map carried onto the cube's grid by nearest neighbour, 0 outside the source grid.
+
+    The labels must share the image's grid (shape and affine). Each cube voxel takes the label of
+    the source voxel whose cell holds the cube voxel's centre, found through the cube's world affine,
+    so orientation, trimming, resizing and padding act on the labels exactly as on the image and
+    no label value is ever blended with another.
+    """
+    source = display_path(source)
+    array = labels.array
+    if array.shape != image.array.shape:
+        shape = "x".join(map(str, array.shape))
+        raise VolumeError(source, f"label map is {shape}, not on the image's grid "
+                                  f"({'x'.join(map(str, image.array.shape))})")
+    if not np.allclose(labels.affine, image.affine, atol=1e-3):
+        raise VolumeError(source, "label map's affine differs from the image's; resample it onto the image's grid")
+    finite = np.isfinite(array)
+    if not finite.all() or np.any(array < 0) or np.any(array != np.round(array)):
+        raise VolumeError(source, "label map must hold non-negative integers")
+    if array.max() > MAX_SEGMENTATION_LABEL:
+        raise VolumeError(source, f"label {int(array.max())} exceeds {MAX_SEGMENTATION_LABEL}")
+    dtype = np.uint8 if array.max() <= np.iinfo(np.uint8).max else np.uint16
+    cube_to_source = np.linalg.inv(labels.affine) @ cube.affine
+    resampled = ndimage.affine_transform(
+        array, cube_to_source[:3, :3], offset=cube_to_source[:3, 3], output_shape=cube.array.shape,
+        order=0, mode="grid-constant", cval=0.0,
+    )
+    return np.rint(resampled).astype(dtype)
+
+
 @dataclass
 class CacheEntryReport:
     """One volume that made it into the cache."""
@@ -254,6 +310,7 @@ class PreprocessReport:
     bad: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    segmentation_labels: int | None = None
 
     def summary(self) -> str:
         """Multi-line text ending with one 'path: reason' line per unusable file."""
@@ -265,6 +322,8 @@ class PreprocessReport:
         trimmed = sum(e.trimmed_slices for e in self.entries)
         if trimmed:
             lines.append(f"{trimmed} blank end slices trimmed in total")
+        if self.segmentation_labels is not None:
+            lines.append(f"label maps cached beside the cubes (labels 0..{self.segmentation_labels}, 0 background)")
         lines.extend(f"warning: {w}" for w in self.warnings)
         if self.bad:
             lines.append(f"{len(self.bad)} unusable files skipped:")
@@ -327,7 +386,7 @@ def _unique_name(path: Path, taken: set[str]) -> str:
     return name
 
 
-def _prepare_cache_dir(dst: Path, recipe: str, size: int, mode: str) -> None:
+def _prepare_cache_dir(dst: Path, recipe: str, size: int, mode: str, segmentations: bool = False) -> None:
     """Refuse to mix into a folder that is not an empty one or a compatible hagan cache."""
     if dst.exists() and not dst.is_dir():
         raise HaganError(f"{dst}: exists and is not a folder")
@@ -346,6 +405,8 @@ def _prepare_cache_dir(dst: Path, recipe: str, size: int, mode: str) -> None:
                 f"use another folder for recipe={recipe}, size={size}, mode={mode}"
             )
     (dst / "volumes").mkdir(parents=True, exist_ok=True)
+    if segmentations:
+        (dst / "segmentations").mkdir(exist_ok=True)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -365,12 +426,17 @@ def preprocess_folder(
     progress: bool = True,
     *,
     min_size: int | None = None,
+    segmentations: str | os.PathLike | None = None,
 ) -> PreprocessReport:
     """Build a hagan cache in ``dst`` from a folder (or list) of volumes, skipping unusable files.
 
     Bad files are listed in the report rather than stopping the run; only a source with no usable
     volume at all raises NoUsableVolumesError. Each cube and, last, the manifest are written
     atomically, so an interrupted run never leaves a manifest pointing at half-written data.
+
+    ``segmentations`` names a folder of label maps, one per image on the image's grid (see
+    ``SegmentationFolder`` for the naming); each is cached beside its cube on the cube's grid
+    (``segmentation_on_cube``), and an image without a usable label map is listed as unusable.
     """
     start = time.perf_counter()
     if recipe not in RECIPES:
@@ -388,16 +454,21 @@ def preprocess_folder(
         paths = [Path(os.fsdecode(os.fspath(p))) for p in src]
         source_name = f"{len(paths)} listed paths"
     labels = _read_labels(Path(labels_csv), label_column) if labels_csv is not None else None
+    label_maps = SegmentationFolder(segmentations) if segmentations is not None else None
     dst = Path(dst)
-    _prepare_cache_dir(dst, recipe, size, mode)
+    _prepare_cache_dir(dst, recipe, size, mode, segmentations=label_maps is not None)
 
     report = PreprocessReport(cache_dir=dst)
     entries: list[dict] = []
     taken: set[str] = set()
+    largest_label = 0
     for path in tqdm(paths, desc="preprocess", unit="vol", disable=not progress):
         try:
             volume = read_volume(path)
             cube, trimmed = _preprocess_guarded(volume, recipe, size, mode, trim, min_size, str(path))
+            if label_maps is not None:
+                label_path = label_maps.match(path)
+                segmentation = segmentation_on_cube(read_volume(label_path), volume, cube, str(label_path))
         except VolumeError as exc:
             report.bad.append((exc.path, exc.reason))
             continue
@@ -411,17 +482,20 @@ def preprocess_folder(
         name = _unique_name(path, taken)
         relative = f"volumes/{name}.npy"
         _save_npy(dst / relative, cube.array.astype(np.float16))
-        entries.append(
-            {
-                "name": name,
-                "file": relative,
-                "source": str(Path(path).resolve()),
-                "label": label,
-                "affine": cube.affine.tolist(),
-                "original_shape": list(volume.array.shape),
-                "original_spacing": list(volume.spacing),
-            }
-        )
+        entry = {
+            "name": name,
+            "file": relative,
+            "source": str(Path(path).resolve()),
+            "label": label,
+            "affine": cube.affine.tolist(),
+            "original_shape": list(volume.array.shape),
+            "original_spacing": list(volume.spacing),
+        }
+        if label_maps is not None:
+            entry["segmentation"] = f"segmentations/{name}.npy"
+            largest_label = max(largest_label, int(segmentation.max()))
+            _save_npy(dst / entry["segmentation"], segmentation)
+        entries.append(entry)
         report.entries.append(
             CacheEntryReport(name, display_path(path), volume.array.shape, volume.spacing, trimmed, label)
         )
@@ -440,10 +514,14 @@ def preprocess_folder(
         "reference_affine": entries[0]["affine"],
         "num_classes": max_label + 1 if max_label >= 0 else 0,
     }
+    if label_maps is not None:
+        # foreground label values 1..segmentation_labels; 0 is background
+        manifest["segmentation_labels"] = report.segmentation_labels = largest_label
     write_json_atomic(dst / "manifest.json", manifest, indent=1)
-    current = {Path(e["file"]).name for e in entries}
-    for stale in (dst / "volumes").glob("*.npy"):
-        if stale.name not in current:
-            stale.unlink()
+    for key, folder in (("file", "volumes"), ("segmentation", "segmentations")):
+        current = {Path(e[key]).name for e in entries if key in e}
+        for stale in (dst / folder).glob("*.npy"):
+            if stale.name not in current:
+                stale.unlink()
     report.seconds = time.perf_counter() - start
     return report
