@@ -25,7 +25,7 @@ from .errors import HaganError
 from .io import write_json_atomic, write_text_atomic
 from .models import build_model
 from .models.base import DivergenceError
-from .viz import montage_tensor, plot_curves, three_plane_montage
+from .viz import label_display, montage_grid, montage_tensor, plot_curves, three_plane_montage
 
 CONFIG_FILE = "config.yaml"
 GEOMETRY_FILE = "geometry.json"
@@ -323,12 +323,28 @@ class Trainer:
 
     # ----- training ----------------------------------------------------------------------------
     def write_samples(self, iteration: int, writer: Any) -> None:
+        """A montage of samples: three planes per volume, or for 2D models (samples of depth 1) the
+        slices in a grid; a model that generates label maps (``segmentation_labels``) shows each
+        sample's map beside it."""
         self.model.eval()
         rng = torch.Generator().manual_seed(SAMPLE_SEED)
         labels = (torch.arange(SAMPLES_SHOWN) % self.config.model.num_classes) if self.config.model.num_classes else None
-        volumes = self.model.sample(SAMPLES_SHOWN, rng, labels).float().cpu()
+        if getattr(self.model, "segmentation_labels", 0):
+            volumes, segmentations = self.model.sample_with_segmentation(SAMPLES_SHOWN, rng)
+            volumes, segmentations = volumes.float().cpu(), segmentations.cpu()
+        else:
+            volumes, segmentations = self.model.sample(SAMPLES_SHOWN, rng, labels).float().cpu(), None
         self.model.train()
-        three_plane_montage([v[0].numpy() for v in volumes], self.run_dir / "samples" / f"iter_{iteration:08d}.png")
+        path = self.run_dir / "samples" / f"iter_{iteration:08d}.png"
+        shown, titles = [v[0].numpy() for v in volumes], None
+        if segmentations is not None:
+            maps = label_display(segmentations[:, 0].numpy(), self.model.segmentation_labels)
+            shown = [x for pair in zip(shown, maps) for x in pair]
+            titles = [t for i in range(len(volumes)) for t in (f"sample {i}", f"labels {i}")]
+        if volumes.shape[2] == 1:
+            montage_grid(shown, path, titles=titles, cols=2 if segmentations is not None else None)
+        else:
+            three_plane_montage(shown, path, titles=titles)
         writer.add_image("samples", montage_tensor(volumes), iteration)
 
     def periodic_kid(self) -> Any:

@@ -182,6 +182,13 @@ def plot_curves(
     return _save_png(figure, path)
 
 
+def label_display(labels: np.ndarray, largest: int) -> list[np.ndarray]:
+    """Label maps (n, ...) with values 0..``largest`` as grey levels in [-1, 1] (background black,
+    the largest label white), so they go through the same montages as images."""
+    scale = max(int(largest), 1)
+    return [np.asarray(label, dtype=np.float32) / scale * 2 - 1 for label in labels]
+
+
 def montage_tensor(volumes: Tensor) -> np.ndarray:
     """A (3, H, W) RGB image in [0, 1] for TensorBoard's ``add_image``: one row of planes per volume.
 
