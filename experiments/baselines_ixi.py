@@ -1,7 +1,7 @@
 """Train one of HA-GAN's baselines (WGAN-GP, alpha-GAN, VAE-GAN) on IXI T1 for a wall-clock budget and
 report what it cost and what it makes: training speed (overall, and steady from the first logged
 iteration on) and peak memory, samples, their diversity, and (for the models with an encoder) the
-reconstruction error of real heads.
+reconstruction error of real heads and the spread of their codes.
 
 Prints one JSON object and writes, under --out: the run (``run/``), ``MODEL_grid.png`` (axial slices of
 16 samples), ``MODEL_planes.png`` (four samples in three planes), ``MODEL_reconstruction.png`` (four
@@ -148,6 +148,8 @@ def main() -> None:
         heads = real[:RECONSTRUCTED]
         reconstructed = run.reconstruct(heads)
         result["reconstruction_l1_grey"] = round(float((grey_levels(heads) - grey_levels(reconstructed)).abs().mean()), 2)
+        # how far the codes of real heads spread, per latent dimension; the prior's is 1
+        result["code_std"] = round(float(torch.from_numpy(run.encode(real)).std(0).mean()), 3)
         three_plane_montage([*heads, *reconstructed], out / f"{name}_reconstruction.png",
                             titles=[f"real {i}" for i in range(len(heads))] + [f"rec {i}" for i in range(len(heads))],
                             cols=2)
