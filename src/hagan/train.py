@@ -341,10 +341,11 @@ class Trainer:
             maps = label_display(segmentations[:, 0].numpy(), self.model.segmentation_labels)
             shown = [x for pair in zip(shown, maps) for x in pair]
             titles = [t for i in range(len(volumes)) for t in (f"sample {i}", f"labels {i}")]
+        cols = 2 if segmentations is not None else None  # a sample and its label map side by side
         if volumes.shape[2] == 1:
-            montage_grid(shown, path, titles=titles, cols=2 if segmentations is not None else None)
+            montage_grid(shown, path, titles=titles, cols=cols)
         else:
-            three_plane_montage(shown, path, titles=titles)
+            three_plane_montage(shown, path, titles=titles, cols=cols)
         writer.add_image("samples", montage_tensor(volumes), iteration)
 
     def periodic_kid(self) -> Any:
