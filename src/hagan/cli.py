@@ -220,21 +220,20 @@ def cmd_embedding(args: argparse.Namespace) -> None:
 def cmd_summary(args: argparse.Namespace) -> None:
     import torch
 
+    from .bench import module_param_counts
     from .models import build_model
-    from .models.hagan import module_groups
 
     overrides = [{"model": {"size": args.size}}] if args.size else []
     config = build_config(args.preset, None, overrides)
     with torch.device("meta"):
         model = build_model(config)
-    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in module_groups(model).items()}
-    counts["total"] = sum(counts.values())
+    counts = module_param_counts(model)
     if args.json:
         print(json.dumps(counts))
         return
     print(f"{config.model.name} at {config.model.size}^3 (preset {args.preset or 'none'})")
     for key, value in counts.items():
-        print(f"  {key:6s} {value / 1e6:9.3f} M")
+        print(f"  {key:12s} {value / 1e6:9.3f} M")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
