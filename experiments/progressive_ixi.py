@@ -212,6 +212,7 @@ def main() -> None:
     }
     if args.dims == 3:
         three_plane_montage(list(samples[:4]), out / "progressive_planes.png")
+    if args.dims == 3 and trainer.final_iteration > growth:  # a run stopped by the guard may have no encoder yet
         heads = real[:RECONSTRUCTED]
         reconstructed = run.reconstruct(heads)
         result["reconstruction_l1_grey"] = round(float((grey_levels(heads) - grey_levels(reconstructed)).abs().mean()), 2)

@@ -104,6 +104,11 @@ class ProgressiveGAN(GenerativeModel):
         p = self.config.progressive
         return self.config.optim.batch_size * (p.slices_per_volume if self.dims == 2 else 1)
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """``train.channels_last`` applies to 3D models; 2D weights have no channels-last-3d layout."""
+        return super().memory_format if self.dims == 3 else torch.contiguous_format
+
     def phase(self) -> Phase:
         """The phase the weights are in: that of the next iteration to train."""
         return self.schedule.at(int(self.trained_iterations))
@@ -119,7 +124,7 @@ class ProgressiveGAN(GenerativeModel):
         x = torch.cat(parts, dim=1) if len(parts) > 1 else image
         if self.dims == 2:
             x = self.axial_slices(x, rng)
-        return x.to(self.device, non_blocking=True).float()
+        return x.to(self.device, memory_format=self.memory_format, non_blocking=True).float()
 
     def checked_segmentation(self, batch: dict[str, Tensor]) -> Tensor:
         segmentation = batch.get("segmentation")
