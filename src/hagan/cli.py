@@ -383,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_summary)
+
+    from .translate import add_parser as add_translate
+
+    add_translate(sub)
     return parser
 
 
