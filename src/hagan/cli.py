@@ -384,9 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_summary)
 
+    from .applications.cli import add_parser as add_experiment
     from .translate import add_parser as add_translate
 
     add_translate(sub)
+    add_experiment(sub)
     return parser
 
 
