@@ -69,3 +69,21 @@ def test_bad_yaml_and_assignment(tmp_path):
         parse_assignment("iterations=5")
     with pytest.raises(HaganError, match="unknown preset"):
         build_config("paper-1024")
+
+
+def test_model_flag_alone_starts_from_that_models_preset(capsys):
+    """`hagan train --model progressive` must not train with HA-GAN's learning rates and betas."""
+    from hagan.cli import build_parser, training_overrides, training_preset
+    from hagan.config import MODEL_PRESETS
+    from hagan.models import MODELS
+
+    assert set(MODEL_PRESETS) == set(MODELS) - {"hagan"}
+    parser = build_parser()
+    args = parser.parse_args(["train", "--data", "cache", "--out", "run", "--model", "progressive", "--size", "64"])
+    config = build_config(training_preset(args), None, training_overrides(args))
+    assert "progressive-128 preset" in capsys.readouterr().out
+    assert (config.model.name, config.model.size) == ("progressive", 64)
+    assert (config.optim.beta1, config.optim.beta2) == (0.0, 0.99) and config.optim.lr_g == config.optim.lr_d == 1e-3
+    for argv in (["--model", "hagan"], ["--preset", "demo"], ["--model", "wgan-gp", "--config", "x.yaml"]):
+        assert training_preset(parser.parse_args(["train", "--out", "run", *argv])) == (
+            "demo" if "demo" in argv else None)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .config import PRESETS, build_config, parse_assignment
+from .config import MODEL_PRESETS, PRESETS, build_config, parse_assignment
 from .errors import HaganError, VolumeError
 from .models import MODELS
 
@@ -52,6 +52,15 @@ def training_overrides(args: argparse.Namespace) -> list[dict]:
     return overrides
 
 
+def training_preset(args: argparse.Namespace) -> str | None:
+    """The named preset, or the model's own when ``--model`` alone chooses a model other than HA-GAN."""
+    if args.preset or args.config or args.model not in MODEL_PRESETS:
+        return args.preset
+    print(f"--model {args.model} without --preset or --config: starting from the {MODEL_PRESETS[args.model]} preset "
+          "(its optimiser and schedule); flags and --set still override it")
+    return MODEL_PRESETS[args.model]
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from .config import check_world_size
     from .distributed import env_world_size, from_env
@@ -65,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         if args.data is None and args.config is None:
             raise HaganError("pass --data CACHE (a folder written by `hagan preprocess`) or --config FILE")
-        config = build_config(args.preset, args.config, training_overrides(args))
+        config = build_config(training_preset(args), args.config, training_overrides(args))
     # under torchrun: the global batch must split evenly over the processes, checked before any work
     check_world_size(config, env_world_size())
     dist = from_env(config.train.device)

@@ -128,6 +128,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# the preset a model trains with when `hagan train --model NAME` names no preset and no YAML file: the
+# core optim section's defaults are HA-GAN's, wrong for a model whose paper fixes other rates and betas
+MODEL_PRESETS = {
+    "patch": "patch-128",
+    "progressive": "progressive-128",
+    "wgan-gp": "wgan-gp-128",
+    "alpha-gan": "alpha-gan-128",
+    "vae-gan": "vae-gan-128",
+}
+
+
 def preset(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise HaganError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
