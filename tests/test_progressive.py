@@ -16,7 +16,7 @@ from hagan.cli import main as cli_main
 from hagan.config import build_config
 from hagan.data import CachedVolumeDataset
 from hagan.errors import HaganError
-from hagan.io import write_volume
+from hagan.io import read_volume, write_volume
 from hagan.models import build_model
 from hagan.models.progressive import ProgressiveGAN, channels_to_labels, critic_loss, label_channels
 from hagan.models.progressive_networks import (
@@ -442,6 +442,7 @@ def test_cli_trains_generates_and_encodes_a_3d_model(tmp_path, tiny_ct_cache):
     out = tmp_path / "generated"
     assert cli_main(["generate", str(run), "--n", "2", "--out", str(out), "--device", "cpu"]) == 0
     assert len(list(out.glob("sample_*.nii.gz"))) == 2
+    assert cli_main(["generate", str(run), "--n", "1", "--out", str(tmp_path / "x"), "--label-maps", "--device", "cpu"]) == 2
     latents = tmp_path / "z.npy"
     source = tmp_path / "volumes"
     source.mkdir()
@@ -451,3 +452,21 @@ def test_cli_trains_generates_and_encodes_a_3d_model(tmp_path, tiny_ct_cache):
         np.save(source / f"v{i}.npy", array)
     assert cli_main(["encode", str(run), str(source), "--out", str(latents), "--device", "cpu"]) == 0
     assert np.load(latents).shape == (2, LATENT)
+
+
+def test_generate_writes_label_maps_beside_their_volumes(labelled, tmp_path):
+    """A model trained with label channels writes each generated label map on its volume's grid."""
+    config = tiny_config(dims=3, iterations=4, segmentation_labels=2)
+    config.data.cache = str(labelled[3])
+    Trainer(config, tmp_path / "run", progress=False).fit()
+    out = tmp_path / "generated"
+    assert cli_main(["generate", str(tmp_path / "run"), "--n", "2", "--seed", "3", "--out", str(out),
+                     "--label-maps", "--device", "cpu"]) == 0
+    run = load_run(tmp_path / "run", device="cpu")
+    expected_images, expected_maps = run.generate_with_label_maps(2, seed=3)
+    assert np.array_equal(expected_images, run.generate(2, seed=3))
+    for i in range(2):
+        image, label_map = read_volume(out / f"sample_{i:04d}.nii.gz"), read_volume(out / f"sample_{i:04d}_labels.nii.gz")
+        assert label_map.array.shape == image.array.shape == (SIZE, SIZE, SIZE)
+        assert np.allclose(label_map.affine, image.affine)
+        assert np.array_equal(label_map.array, expected_maps[i]) and set(np.unique(label_map.array)) <= {0, 1, 2}

@@ -117,6 +117,27 @@ class Run:
         """``n`` volumes (n, S, S, S) in [-1, 1]; the same seed gives the same volumes on any device."""
         return torch.cat(list(self.decode_batches(self.latents(n, seed), labels, batch_size, progress)))[:, 0].numpy()
 
+    @property
+    def generates_label_maps(self) -> bool:
+        """True for a model that generates label maps beside its images (progressive GAN with label channels)."""
+        return bool(getattr(self.model, "segmentation_labels", 0)) and hasattr(self.model, "decode_with_segmentation")
+
+    @torch.no_grad()
+    def generate_with_label_maps(
+        self, n: int, seed: int = 0, batch_size: int = 1, progress: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The volumes of ``generate(n, seed)`` and the label maps generated with them (int16, 0 background)."""
+        if not self.generates_label_maps:
+            raise HaganError(f"{self.run_dir}: model {self.config.model.name!r} generates no label maps "
+                             "(only the progressive GAN with progressive.segmentation_labels > 0 does)")
+        z = self.latents(n, seed)
+        images, maps = [], []
+        for begin in tqdm(range(0, n, batch_size), desc="generate", unit="batch", disable=not progress):
+            image, label_map = self.model.decode_with_segmentation(z[begin : begin + batch_size])
+            images.append(image.float().cpu())
+            maps.append(label_map.cpu())
+        return torch.cat(images)[:, 0].numpy(), torch.cat(maps)[:, 0].numpy().astype(np.int16)
+
     def _as_batch(self, volumes: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(volumes, dtype=np.float32))
         if x.dim() == 3:
@@ -152,6 +173,11 @@ class Run:
             for i, v in enumerate(volumes)
         ]
 
+    def save_label_maps(self, label_maps: np.ndarray, out_dir: str | os.PathLike, prefix: str = "sample") -> list[Path]:
+        """Write each label map as ``PREFIX_NNNN_labels.nii.gz`` on the grid of the volume of the same number."""
+        out = Path(out_dir)
+        return [write_volume(out / f"{prefix}_{i:04d}_labels.nii.gz", np.asarray(m, np.int16), self.affine)
+                for i, m in enumerate(label_maps)]
 
     def save_geometry(self, out_dir: str | os.PathLike) -> Path:
         """Copy the run's geometry beside generated volumes, so evaluation knows their recipe."""

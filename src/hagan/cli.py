@@ -96,7 +96,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .viz import three_plane_montage
 
     run = load_run(args.run, args.checkpoint, args.device, args.allow_pickle, args.precision, args.tile_depth)
-    volumes = run.generate(args.n, seed=args.seed, labels=args.class_label, batch_size=args.batch_size, progress=True)
+    if args.label_maps:
+        if args.class_label is not None:
+            raise HaganError("--label-maps: the models that generate label maps take no --class")
+        volumes, label_maps = run.generate_with_label_maps(args.n, seed=args.seed, batch_size=args.batch_size, progress=True)
+        run.save_label_maps(label_maps, args.out)
+    else:
+        volumes = run.generate(args.n, seed=args.seed, labels=args.class_label, batch_size=args.batch_size, progress=True)
     paths = run.save(volumes, args.out)
     run.save_geometry(args.out)
     montage = three_plane_montage(list(volumes[:16]), Path(args.out) / "montage.png",
@@ -322,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the run's train.precision (auto: bf16 on GPUs, float32 on CPU)")
     p.add_argument("--tile-depth", type=int, default=0,
                    help="G^H over depth tiles of this many feature slices: the same volume in less memory (0: untiled below 512^3)")
+    p.add_argument("--label-maps", action="store_true",
+                   help="also write the label maps generated with each volume (progressive GAN with label channels)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("encode", help="encode volumes to latent codes")
