@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import date
 
-import numpy as np
 import torch
 
 from hagan.config import build_config

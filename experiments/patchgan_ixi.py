@@ -222,8 +222,10 @@ def main() -> None:
     real = np.stack([held_out[i]["image"][0].numpy() for i in range(len(held_out))])
     train_set = CachedVolumeDataset(train_cache)
     results: dict = {
-        "command": "python experiments/patchgan_ixi.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, "")),
-        "machine": {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine(),
+        "command": "python experiments/patchgan_ixi.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, "")),
+        "machine": {"device": torch.cuda.get_device_name() if args.device.startswith("cuda")
+                    else platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "date": date.today().isoformat(),
         "split": {"train": len(train_set), "held_out": held_out.names},
@@ -259,18 +261,21 @@ def main() -> None:
                 outputs.setdefault(name, []).append(image)
         for name in names:
             label = "small" if name == "lr-upsampled" else name
-            results["methods"][label] = {"per_volume": dict(zip(held_out.names, rows[name])), "mean": summarise(rows[name])}
+            results["methods"][label] = {"per_volume": dict(zip(held_out.names, rows[name])),
+                                         "mean": summarise(rows[name])}
         memory = training_memory(model, stages[method], train_set[0]["image"].numpy(), args.device)
         for stage in stages[method]:
             report[stage]["train_step_memory"] = memory[stage]
         results["methods"][method]["stages"] = report
         results["methods"][method]["inference_memory_first_volume"] = inference
-        print(json.dumps({method: {n: results["methods"]["small" if n == "lr-upsampled" else n]["mean"] for n in names}}), flush=True)
+        means = {n: results["methods"]["small" if n == "lr-upsampled" else n]["mean"] for n in names}
+        print(json.dumps({method: means}), flush=True)
 
     order = [name for name in ("small", "patchwise", "multiscale") if name in results["methods"]]
     key = {"small": "lr-upsampled"}
     shown = [real[0], model.sketch_of(real[0])] + [outputs[key.get(name, name)][0] for name in order]
-    titles = ["real (held out)", "sketch"] + [f"{name} SSIM {results['methods'][name]['mean']['ssim']['mean']:.3f}" for name in order]
+    titles = ["real (held out)", "sketch"] + [
+        f"{name} SSIM {results['methods'][name]['mean']['ssim']['mean']:.3f}" for name in order]
     figure = three_plane_montage(shown, out / "figure.png", titles=titles)
     if args.figure:
         three_plane_montage(shown, args.figure, titles=titles)
