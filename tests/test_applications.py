@@ -23,7 +23,9 @@ from hagan.applications.datasets import (
 )
 from hagan.applications.features import FeatureSettings, run_features
 from hagan.applications.latent_walk import WalkSettings, fit_probe, run_latent_walk, walk_latents
-from hagan.applications.regression import cross_validated_r2, fit_ridge, loo_alpha
+from hagan.applications.regression import (
+    Standardiser, cross_validated_r2, fit_ridge, kfold_indices, loo_alpha, out_of_fold_predictions,
+)
 from hagan.applications.runs import ensure_run, training_config
 from hagan.applications.segment import affine_spacing, segment, volume_ml
 from hagan.errors import HaganError
@@ -33,7 +35,7 @@ from hagan.io import Volume
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 # small and quick to learn: the encoder's learning rate is raised so that its codes follow lung size
-# within the few iterations a CPU test affords (measured in docs/experiments.md)
+# within the few iterations a CPU test affords
 TOY_MODEL = {"size": 32, "latent_dim": 64, "width": 0.125, "num_classes": 5}
 TOY_OPTIM = {"batch_size": 4, "lr_g": 2e-4, "lr_e": 5e-4}
 TOY_TRAIN = {"iterations": 200, "checkpoint_every": 200, "sample_every": 200, "log_every": 50, "device": "cpu"}
@@ -103,6 +105,24 @@ def test_cross_validated_r2_separates_signal_from_a_constant():
     assert -0.2 < constant["pooled_mean"] < 0  # the training folds' mean always misses a little
     with pytest.raises(HaganError, match="k-fold"):
         cross_validated_r2(x, y, 41, [0], 1e-4)
+
+
+def test_auto_penalty_is_chosen_inside_each_training_fold():
+    """--alpha auto: each fold's penalty comes from leave-one-out on that fold's training subjects only."""
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(25, 40)), rng.normal(size=25)
+    folds = kfold_indices(25, 5, seed=0)
+    expected = np.empty(25)
+    for test in folds:
+        train = np.setdiff1d(np.arange(25), test)
+        scaler = Standardiser.fit(x[train])
+        alpha = loo_alpha(scaler(x[train]), y[train])[0]
+        expected[test] = fit_ridge(scaler(x[train]), y[train], alpha).predict(scaler(x[test]))
+    assert np.allclose(out_of_fold_predictions(x, y, folds, None), expected)
+    assert cli.ridge_penalty("auto") is None and cli.ridge_penalty("0.5") == 0.5
+    for bad in ("-1", "large"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli.ridge_penalty(bad)
 
 
 def test_synthetic_share_and_class_proportions():
@@ -190,6 +210,8 @@ def test_augmentation_experiment(toy, tmp_path):
     assert results["synthetic"]["count"] == synthetic_count(30, 0.2) == 8
     assert sum(results["synthetic"]["class_counts"]) == 8
     assert results["data"]["classes"] == 5 and results["data"]["train"] == 30 and results["data"]["test"] == 10
+    test_labels = load_cache(toy["splits"]["test"]).labels
+    assert results["data"]["test_majority_class_accuracy"] == np.bincount(test_labels).max() / 10
     saved = json.loads((tmp_path / "results.json").read_text())
     for arm in ("real", "real+hagan"):
         accuracy = saved["scores"][arm]["test"]["accuracy"]
@@ -215,16 +237,32 @@ def test_features_experiment_beats_a_constant_for_lung_volume(toy, tmp_path):
     assert png_shape(tmp_path / "features.png")[2] in (3, 4)
 
 
-def test_latent_walk_grows_the_segmented_lungs(toy, tmp_path):
-    """Walking up the lung-volume direction from real volumes' codes must enlarge the generated lungs."""
-    settings = WalkSettings(("lung", "lung_volume_ml"), "lung", steps=5, references=2, reference="encoded", class_label=0)
+def test_latent_walk_grows_the_generated_lungs(toy, tmp_path):
+    """A direction fitted on the generator's own samples must enlarge the lungs it generates."""
+    settings = WalkSettings(("lung", "lung_volume_ml"), "lung", steps=5, references=4, class_label=0,
+                            fit_on="generated", samples=96)
     inputs = [toy["splits"]["train"], toy["splits"]["test"]]
     results = run_latent_walk(inputs, read_tables([toy["table"]]), toy["run"], tmp_path, settings, progress=False)
-    for walk in results["walks"]:
-        assert walk["spearman"] > 0.5, walk
-        assert walk["change_ml"] > 0, walk
+    assert results["regression"]["samples"] == 96 and results["codes"] is None  # no encoding needed
+    assert all(walk["change_ml"] > 0 for walk in results["walks"]), results["walks"]
+    assert results["summary"]["mean_spearman"] > 0.5
     assert len(list((tmp_path / "walk").glob("lung_step_*.nii.gz"))) == 5
     assert png_shape(tmp_path / "latent_walk.png")[2] in (3, 4)
+
+
+def test_latent_walk_from_encoded_real_volumes_reports_the_regression(toy, tmp_path):
+    settings = WalkSettings(("lung", "lung_volume_ml"), "lung", steps=3, references=2, reference="encoded", class_label=0)
+    inputs = [toy["splits"]["train"], toy["splits"]["test"]]
+    results = run_latent_walk(inputs, read_tables([toy["table"]]), toy["run"], tmp_path, settings, progress=False)
+    assert results["subjects"] == 40 and results["regression"]["fit_on"] == "real"
+    assert results["regression"]["in_sample_r2"] > 0.5  # the codes carry lung volume (see the features test)
+    assert results["segmentation"]["real_pearson_with_target"] > 0.98
+    assert {w["reference"] for w in results["walks"]} <= set(load_cache(toy["splits"]["train"]).names
+                                                             + load_cache(toy["splits"]["test"]).names)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["walks"]) == 2 and len(saved["walks"][0]["measured_ml"]) == 3
+    with pytest.raises(HaganError, match="--fit-on"):
+        WalkSettings(("lung", "lung_volume_ml"), "lung", fit_on="table").check()
 
 
 def test_walk_reaches_each_predicted_target():

@@ -153,7 +153,8 @@ def run_augmentation(
         "experiment": "augmentation",
         "data": {"splits": {k: str(v) for k, v in splits.items()}, "size": size, "classes": num_classes,
                  "train": len(train), **{split: len(d) for split, d in held_out.items()},
-                 "train_class_counts": np.bincount(train.labels, minlength=num_classes).tolist(), "binary_masks": binary},
+                 "train_class_counts": np.bincount(train.labels, minlength=num_classes).tolist(), "binary_masks": binary,
+                 "test_majority_class_accuracy": float(np.bincount(held_out["test"].labels).max() / len(held_out["test"]))},
         "synthetic": {"fraction_of_augmented_set": settings.synthetic_fraction, "count": n_synthetic,
                       "class_counts": counts.tolist(), "latent_seed": f"{SYNTHETIC_SEED_OFFSET} + seed"},
         "generators": {label: [{"run": str(r.run_dir), "model": r.config.model.name, "iteration": r.iteration}
@@ -167,14 +168,16 @@ def run_augmentation(
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_results(out, results)
-    augmentation_figure(scores, examples, train, num_classes, out / "augmentation.png")
+    augmentation_figure(scores, examples, train, held_out["test"].labels, num_classes, out / "augmentation.png")
     return results
 
 
 def augmentation_figure(
-    scores: dict, examples: dict[str, list[np.ndarray | None]], train: VolumeSet, num_classes: int, path: Path
+    scores: dict, examples: dict[str, list[np.ndarray | None]], train: VolumeSet, test_labels: np.ndarray,
+    num_classes: int, path: Path,
 ) -> Path:
-    """Test accuracy of each arm with one line per seed, beside a real and a synthetic volume of each class."""
+    """Test accuracy of each arm with one line per seed and the majority-class rate a classifier must beat,
+    beside a real and a synthetic volume of each class."""
     figure = Figure(figsize=(11, 4.2), layout="constrained")
     left, right = figure.subfigures(1, 2, width_ratios=[1, 1.3])
     ax = left.subplots()
@@ -184,6 +187,8 @@ def augmentation_figure(
     ax.plot(positions, values, color="0.7", marker="o", linewidth=1)
     ax.errorbar(positions, values.mean(axis=1), yerr=values.std(axis=1, ddof=1) if values.shape[1] > 1 else None,
                 fmt="s", color="C3", capsize=6, label="mean ± sd")
+    majority = 100 * np.bincount(test_labels, minlength=num_classes).max() / len(test_labels)
+    ax.axhline(majority, color="k", linestyle="--", linewidth=0.8, label=f"majority class ({majority:.0f}%)")
     ax.set_xticks(positions, arms, rotation=15)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Table VIII CNN, {values.shape[1]} seeds (grey: one seed)", fontsize=10)

@@ -18,12 +18,25 @@ from .augmentation import AugmentationSettings, run_augmentation
 from .classifier import TrainingRecipe
 from .datasets import PHANTOM_TARGETS, count_classes, is_cache, parse_targets, prepare_npz_splits, prepare_phantoms, read_tables
 from .features import FeatureSettings, run_features
-from .latent_walk import DIRECTIONS, REFERENCES, WalkSettings, run_latent_walk
+from .latent_walk import DIRECTIONS, FIT_ON, REFERENCES, WalkSettings, run_latent_walk
 from .runs import ensure_run, open_runs, training_config
 from .segment import SEGMENTERS
 
 PHANTOMS = "phantoms"
 WALK_DEFAULTS = {"thorax-ct": ("lung_volume_ml", "lung"), "brain-mri": ("ventricle_volume_ml", "csf")}
+
+
+def ridge_penalty(text: str) -> float | None:
+    """``auto`` (None: leave-one-out) or a non-negative number, for ``--alpha``."""
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
 
 
 def _training_arguments(p: argparse.ArgumentParser) -> None:
@@ -126,7 +139,8 @@ def cmd_latent_walk(args: argparse.Namespace) -> None:
         raise HaganError("--target and --tissue are needed unless --data is phantoms")
     run = _obtain_run(args, cache)
     settings = WalkSettings(parse_targets([target_spec])[0], tissue, args.steps, args.references, args.reference,
-                            args.direction, tuple(args.target_quantiles), args.class_label, args.alpha, args.seed)
+                            args.direction, tuple(args.target_quantiles), args.class_label, args.alpha, args.seed,
+                            args.fit_on, args.samples)
     results = run_latent_walk(inputs, read_tables(tables), run, args.out, settings)
     for i, walk in enumerate(results["walks"]):
         print(f"walk {i + 1} from {walk['reference']}: segmented {tissue} "
@@ -160,8 +174,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         _data_arguments(p, "caches or folders of volumes (read with the run's preprocessing), or 'phantoms'")
         _training_arguments(p)
         p.add_argument("--table", action="append", default=[], help="CSV of measurements, first column (or 'file') the ID")
-        p.add_argument("--alpha", type=float, default=1e-4 if name == "features" else None,
-                       help="ridge penalty" + ("" if name == "features" else " (default: chosen by leave-one-out)"))
+        p.add_argument("--alpha", type=ridge_penalty, default=1e-4 if name == "features" else None,
+                       help="ridge penalty, or 'auto' for leave-one-out in each training fold "
+                            + ("(default 1e-4, the paper's)" if name == "features" else "(default auto)"))
         p.set_defaults(func=func)
         if name == "features":
             p.add_argument("--targets", nargs="+", metavar="NAME=COLUMN", help="measurements to predict")
@@ -176,9 +191,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             p.add_argument("--tissue", choices=sorted(SEGMENTERS), help="segmentation rule that measures generated volumes")
             p.add_argument("--direction", default="pattern", choices=DIRECTIONS)
             p.add_argument("--reference", default="random", choices=REFERENCES)
+            p.add_argument("--fit-on", default="real", choices=FIT_ON,
+                           help="regress the measurement on encoded real volumes (the paper), or the segmented "
+                                "volume on the generator's own samples (no encoder needed)")
+            p.add_argument("--samples", type=int, default=128, help="generated samples to fit on with --fit-on generated")
             p.add_argument("--steps", type=int, default=7)
             p.add_argument("--references", type=int, default=3, help="number of walks")
             p.add_argument("--target-quantiles", type=float, nargs=2, default=[0.05, 0.95],
-                           help="walk between these quantiles of the real measurement")
+                           help="walk between these quantiles of the values the direction is fitted on")
             p.add_argument("--class", dest="class_label", type=int, help="class to generate (conditional runs)")
             p.add_argument("--seed", type=int, default=0)

@@ -1,7 +1,9 @@
 """Clinically relevant feature extraction (HA-GAN's section IV-D, Table VI).
 
 Real volumes are encoded to latent codes by each model's encoder; a ridge regression (alpha 1e-4
-on standardised features, as the paper) predicts the logarithm of each measurement, and R^2 is
+on standardised features, as the paper; ``alpha=None`` chooses it by leave-one-out inside each
+training fold, which a set with fewer subjects than latent dimensions needs) predicts the logarithm
+of each measurement, and R^2 is
 scored on held-out folds of repeated k-fold cross-validation (the same folds for every feature set,
 so their R^2 are paired). Two references need no model: ``constant`` predicts the training folds'
 mean (R^2 just below 0), ``image-E^3`` regresses on the volume average-pooled to E^3 voxels, which
@@ -36,7 +38,7 @@ class FeatureSettings:
     targets: list[tuple[str, str]]
     folds: int = 5
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    alpha: float = 1e-4
+    alpha: float | None = 1e-4  # None: chosen by leave-one-out inside each training fold
     log: bool = True
     image_edge: int = 8
     batch_size: int = 4
@@ -44,8 +46,8 @@ class FeatureSettings:
     def check(self) -> None:
         if not self.targets:
             raise HaganError("--targets: name at least one measurement")
-        if not self.seeds or self.folds < 2 or self.alpha < 0 or self.image_edge < 0:
-            raise HaganError("features: need seeds, --folds >= 2, --alpha >= 0 and --image-edge >= 0")
+        if not self.seeds or self.folds < 2 or (self.alpha is not None and self.alpha < 0) or self.image_edge < 0:
+            raise HaganError("features: need seeds, --folds >= 2, --alpha >= 0 (or auto) and --image-edge >= 0")
 
 
 def image_features(volumes: np.ndarray, edge: int) -> np.ndarray:
@@ -115,7 +117,8 @@ def run_features(
         "volumes_without_measurements": int((~keep).sum()),
         "targets": {name: column for name, column in settings.targets},
         "transform": "log" if settings.log else "none",
-        "regression": {"model": "ridge", "alpha": settings.alpha, "standardised": True, "folds": settings.folds},
+        "regression": {"model": "ridge", "standardised": True, "folds": settings.folds,
+                       "alpha": "leave-one-out in each training fold" if settings.alpha is None else settings.alpha},
         "seeds": settings.seeds,
         "encoders": {label: {"run": str(run.run_dir), "model": run.config.model.name, "iteration": run.iteration,
                              "size": run.size, "latent_dim": int(codes[label].shape[1])} for label, run in encoders.items()},

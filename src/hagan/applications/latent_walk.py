@@ -17,6 +17,11 @@ Two choices are exposed because the literal one fails where an encoder is imperf
   real volume's code. HA-GAN's encoder is not trained to match the prior, and results.json reports
   how far the codes lie from it (mean absolute code mean and code spread): when far, a direction
   learned among the codes says little about the generator near random latents.
+* ``fit_on``: ``real`` regresses the table's measurement on the encoded real volumes, the paper's
+  way; ``generated`` regresses the segmented volume of the generator's own samples on their latents,
+  which needs no encoder and asks the generator directly which way the tissue grows, so it still
+  works where encoding and decoding disagree (a generator and encoder early in training, or a model
+  without an encoder). The targets are then quantiles of the generated samples' segmented volumes.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from .segment import SEGMENTERS, affine_spacing, segment, volume_ml
 
 DIRECTIONS = ("pattern", "weights")
 REFERENCES = ("random", "encoded")
+FIT_ON = ("real", "generated")
 MASK_COLOUR = (0.1, 0.9, 0.2)
 
 
@@ -58,6 +64,8 @@ class WalkSettings:
     class_label: int | None = None
     alpha: float | None = None
     seed: int = 0
+    fit_on: str = "real"
+    samples: int = 128
 
     def check(self) -> None:
         problems = []
@@ -65,6 +73,10 @@ class WalkSettings:
             problems.append(f"--tissue must be one of {', '.join(SEGMENTERS)}")
         if self.direction not in DIRECTIONS:
             problems.append(f"--direction must be one of {', '.join(DIRECTIONS)}")
+        if self.fit_on not in FIT_ON:
+            problems.append(f"--fit-on must be one of {', '.join(FIT_ON)}")
+        if self.fit_on == "generated" and self.samples < 8:
+            problems.append(f"--samples must be at least 8 to fit a direction, got {self.samples}")
         if self.reference not in REFERENCES:
             problems.append(f"--reference must be one of {', '.join(REFERENCES)}")
         if self.steps < 3 or self.references < 1:
@@ -145,10 +157,24 @@ def run_latent_walk(
     name = settings.target[0]
     real = data.subset(keep)
     y = values[name]
-    codes = run.encode(real.volumes).astype(np.float64)
-    probe = fit_probe(codes, y, settings.direction, settings.alpha)
+    needs_codes = settings.fit_on == "real" or settings.reference == "encoded"
+    codes = run.encode(real.volumes).astype(np.float64) if needs_codes else None
     segmented_real = np.array([volume_ml(segment(v, settings.tissue, recipe, spacing), spacing) for v in real.volumes])
-    targets = np.linspace(*np.quantile(y, settings.target_quantiles), settings.steps)
+
+    def decode_and_measure(latents: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        volumes = np.concatenate(list(run.decode_batches(torch.as_tensor(latents, dtype=torch.float32),
+                                                         settings.class_label, batch_size=4)))[:, 0]
+        masks = [segment(v, settings.tissue, recipe, spacing) for v in volumes]
+        return volumes, masks, np.array([volume_ml(m, spacing) for m in masks])
+
+    if settings.fit_on == "real":
+        fit_codes, fit_values, walked = codes, y, name
+    else:  # the generator's own samples, drawn apart from the references' seed
+        fit_codes = run.latents(settings.samples, seed=settings.seed + 1).numpy().astype(np.float64)
+        fit_values = decode_and_measure(fit_codes)[2]
+        walked = f"segmented {settings.tissue} (ml)"
+    probe = fit_probe(fit_codes, fit_values, settings.direction, settings.alpha)
+    targets = np.linspace(*np.quantile(fit_values, settings.target_quantiles), settings.steps)
 
     if settings.reference == "random":
         starts = run.latents(settings.references, seed=settings.seed).numpy().astype(np.float64)
@@ -159,10 +185,7 @@ def run_latent_walk(
     walks, first_volumes, first_masks = [], None, None
     for start, start_name in zip(starts, start_names):
         path = walk_latents(probe, start, targets)
-        volumes = np.concatenate(list(run.decode_batches(torch.as_tensor(path, dtype=torch.float32),
-                                                         settings.class_label, batch_size=4)))[:, 0]
-        masks = [segment(v, settings.tissue, recipe, spacing) for v in volumes]
-        measured = np.array([volume_ml(m, spacing) for m in masks])
+        volumes, masks, measured = decode_and_measure(path)
         walks.append({
             "reference": start_name,
             "predicted_at_reference": float(probe.predict(start)[0]),
@@ -175,23 +198,24 @@ def run_latent_walk(
             first_volumes, first_masks = volumes, masks
     run.save(first_volumes, out / "walk", prefix=f"{name}_step")
 
-    in_sample = probe.predict(codes)
     trends = [w["spearman"] for w in walks]
     results = {
         "experiment": "latent-walk",
         "run": {"dir": str(run.run_dir), "model": run.config.model.name, "iteration": run.iteration, "size": run.size},
         "inputs": [str(p) for p in inputs],
         "subjects": int(keep.sum()),
-        "target": {"name": name, "column": settings.target[1], "quantiles": list(settings.target_quantiles),
-                   "values": targets.tolist()},
+        "target": {"name": name, "column": settings.target[1], "walked": walked,
+                   "quantiles": list(settings.target_quantiles), "values": targets.tolist()},
         "tissue": settings.tissue,
         "segmentation": {"rule": SEGMENTERS[settings.tissue][1].__name__, "spacing_mm": list(spacing),
                          "real_pearson_with_target": float(np.corrcoef(segmented_real, y)[0, 1]) if np.ptp(segmented_real) else 0.0,
                          "real_mean_ml": float(segmented_real.mean())},
-        "regression": {"alpha": probe.alpha, "alpha_choice": "leave-one-out" if settings.alpha is None else "given",
-                       "in_sample_r2": r2_score(y, in_sample), "direction": settings.direction},
-        "codes": {"mean_abs_mean": float(np.abs(codes.mean(axis=0)).mean()), "mean_std": float(codes.std(axis=0).mean()),
-                  "prior": "mean 0, std 1 per dimension", "latent_dim": int(codes.shape[1])},
+        "regression": {"fit_on": settings.fit_on, "samples": len(fit_values), "alpha": probe.alpha,
+                       "alpha_choice": "leave-one-out" if settings.alpha is None else "given",
+                       "in_sample_r2": r2_score(fit_values, probe.predict(fit_codes)), "direction": settings.direction},
+        "codes": None if codes is None else {
+            "mean_abs_mean": float(np.abs(codes.mean(axis=0)).mean()), "mean_std": float(codes.std(axis=0).mean()),
+            "prior": "mean 0, std 1 per dimension", "latent_dim": int(codes.shape[1])},
         "reference": settings.reference,
         "class_label": settings.class_label,
         "seed": settings.seed,
@@ -201,7 +225,7 @@ def run_latent_walk(
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_results(out, results)
-    walk_figure(first_volumes, first_masks, targets, walks, name, settings.tissue, out / "latent_walk.png")
+    walk_figure(first_volumes, first_masks, targets, walks, walked, settings.tissue, out / "latent_walk.png")
     return results
 
 

@@ -81,9 +81,13 @@ def kfold_indices(n: int, k: int, seed: int) -> list[np.ndarray]:
 
 
 def out_of_fold_predictions(
-    x: np.ndarray | None, y: np.ndarray, folds: list[np.ndarray], alpha: float
+    x: np.ndarray | None, y: np.ndarray, folds: list[np.ndarray], alpha: float | None
 ) -> np.ndarray:
-    """Each subject predicted by the model fitted on the other folds; ``x=None`` predicts the training mean."""
+    """Each subject predicted by the model fitted on the other folds; ``x=None`` predicts the training mean.
+
+    ``alpha=None`` chooses the penalty inside each training fold by leave-one-out (nested, so the
+    held-out fold never influences it): with fewer subjects than features a fixed tiny penalty overfits.
+    """
     predictions = np.empty(len(y), np.float64)
     for test in folds:
         train = np.setdiff1d(np.arange(len(y)), test)
@@ -91,13 +95,14 @@ def out_of_fold_predictions(
             predictions[test] = y[train].mean()
             continue
         scaler = Standardiser.fit(x[train])
-        model = fit_ridge(scaler(x[train]), y[train], alpha)
+        fold_alpha = loo_alpha(scaler(x[train]), y[train])[0] if alpha is None else alpha
+        model = fit_ridge(scaler(x[train]), y[train], fold_alpha)
         predictions[test] = model.predict(scaler(x[test]))
     return predictions
 
 
 def cross_validated_r2(
-    x: np.ndarray | None, y: np.ndarray, k: int, seeds: list[int], alpha: float
+    x: np.ndarray | None, y: np.ndarray, k: int, seeds: list[int], alpha: float | None
 ) -> dict[str, object]:
     """R^2 of held-out predictions over repeated k-fold splits.
 
