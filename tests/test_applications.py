@@ -11,13 +11,14 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 import yaml
 
 from hagan.api import load_run
 from hagan.applications import cli
 from hagan.applications.augmentation import AugmentationSettings, class_counts, run_augmentation, synthetic_count
-from hagan.applications.classifier import Table8CNN, TrainingRecipe, classification_scores
+from hagan.applications.classifier import Table8CNN, TrainingRecipe, classification_scores, predict_proba, train_classifier
 from hagan.applications.datasets import (
     load_cache, match_key, measurements, parse_targets, prepare_npz_splits, prepare_phantoms, read_tables,
 )
@@ -27,6 +28,7 @@ from hagan.applications.regression import (
     Standardiser, cross_validated_r2, fit_ridge, kfold_indices, loo_alpha, out_of_fold_predictions,
 )
 from hagan.applications.runs import ensure_run, training_config
+from hagan.applications.report import corrected_resampled_comparison, paired_comparison
 from hagan.applications.segment import affine_spacing, segment, volume_ml
 from hagan.errors import HaganError
 from hagan.phantoms import brain_mri
@@ -43,11 +45,17 @@ TOY_TRAIN = {"iterations": 200, "checkpoint_every": 200, "sample_every": 200, "l
 
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
-    """Thorax phantoms split 30/10 into caches with the grade as class, and a tiny HA-GAN trained on the 30."""
+    """Thorax phantoms split 30/10 into caches with the grade as class, and a tiny HA-GAN trained on the 30
+    with one torch thread, so that the model is the same whatever the machine's core count."""
     root = tmp_path_factory.mktemp("applications")
     splits, table = prepare_phantoms(root / "data", "thorax-ct", n=40, size=32, seed=0, test_fraction=0.25, label="grade")
     config = training_config(None, None, [], splits["train"], model=TOY_MODEL, optim=TOY_OPTIM, train=TOY_TRAIN)
-    run_dir = ensure_run(config, root / "run", progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_dir = ensure_run(config, root / "run", progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return {"root": root, "splits": splits, "table": table, "run": load_run(run_dir, device="cpu")}
 
 
@@ -125,6 +133,34 @@ def test_auto_penalty_is_chosen_inside_each_training_fold():
             cli.ridge_penalty(bad)
 
 
+def test_table_viii_cnn_learns_a_visible_difference():
+    """A bright block in one class and not the other: the trained classifier must tell held-out volumes apart."""
+    rng = np.random.default_rng(0)
+
+    def volumes(n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.normal(-0.5, 0.1, (n, 32, 32, 32)).astype(np.float32)
+        y = np.arange(n) % 2
+        x[y == 1, 8:20, 8:20, 8:20] += 1.0
+        return x, y
+
+    train_x, train_y = volumes(40)
+    test_x, test_y = volumes(20)
+    model = train_classifier(train_x, train_y, 2, TrainingRecipe(epochs=15, width=0.25), 0, torch.device("cpu"))
+    assert classification_scores(predict_proba(model, test_x, torch.device("cpu")), test_y)["accuracy"] >= 0.9
+
+
+def test_corrected_resampled_test_widens_the_plain_one():
+    treated, control = [0.5, 0.7, 0.6, 0.9, 0.4, 0.8], [0.4, 0.5, 0.6, 0.6, 0.3, 0.5]
+    corrected = corrected_resampled_comparison(treated, control, test_train_ratio=0.25)
+    diff = np.subtract(treated, control)
+    error = np.sqrt(diff.var(ddof=1) * (1 / 6 + 0.25))
+    assert corrected["mean_difference"] == pytest.approx(diff.mean())
+    assert corrected["t"] == pytest.approx(diff.mean() / error)
+    assert corrected["p_ttest"] == pytest.approx(2 * scipy.stats.t.sf(diff.mean() / error, 5))
+    assert corrected["p_ttest"] > paired_comparison(treated, control)["p_ttest"]
+    assert corrected_resampled_comparison([0.1, float("nan"), 0.3], [0.0, 0.2, 0.1], 0.25)["folds"] == 2
+
+
 def test_synthetic_share_and_class_proportions():
     assert synthetic_count(80, 0.2) == 20  # 20% of the augmented set of 100
     labels = np.array([0] * 7 + [1] * 2 + [2] * 1)
@@ -134,13 +170,15 @@ def test_synthetic_share_and_class_proportions():
 
 
 def test_measurements_match_ixi_style_names(tmp_path):
-    (tmp_path / "demo.csv").write_text("ID,Age\nIXI013-HH-1212-T1,46.7\nIXI014-HH-1236-T1,\nIXI015-HH-1258-T1,30\n")
+    (tmp_path / "demo.csv").write_text("ID,Age\nIXI013-HH-1212-T1,46.7\nIXI014-HH-1236-T1,\nIXI015-HH-1258-T1,30\n"
+                                       "IXI016-HH-1000-T1,51,surplus\n")  # in this table only, with a stray field
     (tmp_path / "roi.csv").write_text("ID,702\nIXI013-HH-1212-T1,1500000\nIXI014-HH-1236-T1,1400000\nIXI015-HH-1258-T1,1e6\n")
     assert match_key("IXI013-HH-1212_T1.nii.gz") == match_key("IXI013-HH-1212-T1")
     table = read_tables([tmp_path / "demo.csv", tmp_path / "roi.csv"])
-    names = ["IXI013-HH-1212_T1", "IXI014-HH-1236_T1", "IXI999-HH-0000_T1", "IXI015-HH-1258_T1.nii.gz", "ixi013 hh 1212 t1"]
+    names = ["IXI013-HH-1212_T1", "IXI014-HH-1236_T1", "IXI999-HH-0000_T1", "IXI015-HH-1258_T1.nii.gz", "ixi013 hh 1212 t1",
+             "IXI016-HH-1000_T1"]
     keep, values = measurements(names, table, parse_targets(["age=Age", "702"]))
-    assert keep.tolist() == [True, False, False, True, True]  # IXI014 has no age, IXI999 no row
+    assert keep.tolist() == [True, False, False, True, True, False]  # IXI014 has no age, IXI999 no row, IXI016 no 702
     assert values["age"].tolist() == [46.7, 30.0, 46.7] and values["702"].tolist() == [1.5e6, 1e6, 1.5e6]
     with pytest.raises(HaganError, match="only 1 of 3"):
         measurements(names[:3], table, parse_targets(["age=Age"]))
@@ -167,6 +205,31 @@ def test_npz_splits_become_labelled_caches(tmp_path):
     np.savez(tmp_path / "no_test.npz", train_images=arrays["train_images"], train_labels=arrays["train_labels"])
     with pytest.raises(HaganError, match="test_images"):
         prepare_npz_splits(tmp_path / "no_test.npz", tmp_path / "other", size=16)
+
+
+def test_bad_options_are_refused_before_any_data_or_training(tmp_path):
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    common = ["--data", "phantoms", "--out", str(tmp_path / "out"), "--device", "cpu"]
+    for argv, message in ((["augmentation", *common, "--synthetic-fraction", "1.5"], "synthetic-fraction"),
+                          (["augmentation", *common, "--phantom-kind", "brain-mri"], "phantom-kind"),
+                          (["features", "--data", "cache", "--table", "t.csv", "--out", str(tmp_path / "out")], "--targets"),
+                          (["latent-walk", *common, "--steps", "2"], "--steps")):
+        args = parser.parse_args(["experiment", *argv])
+        with pytest.raises(HaganError, match=message):
+            args.func(args)
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_phantom_preparation_is_reused_only_as_it_was_made(tmp_path):
+    caches, _ = prepare_phantoms(tmp_path / "data", "thorax-ct", n=4, size=16, seed=0)
+    assert prepare_phantoms(tmp_path / "data", "thorax-ct", n=4, size=16, seed=0)[0] == caches
+    with pytest.raises(HaganError, match="prepared as"):
+        prepare_phantoms(tmp_path / "data", "thorax-ct", n=6, size=16, seed=0)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(HaganError, match="not a phantom preparation"):
+        prepare_phantoms(tmp_path / "other", "thorax-ct", n=4, size=16, seed=0)
 
 
 def test_a_run_folder_of_another_model_is_refused(tmp_path, tiny_ct_cache):
@@ -288,7 +351,7 @@ def test_cli_runs_features_on_a_given_run(toy, tmp_path, capsys):
     assert "R² lung_volume_ml" in capsys.readouterr().out
     assert set(json.loads((tmp_path / "results.json").read_text())["r2"]["lung_volume_ml"]) == {"hagan", "constant"}
     args = parser.parse_args(["experiment", "features", "--run", str(toy["run"].run_dir), "--device", "cpu",
-                              "--data", str(toy["splits"]["train"]), "--out", str(tmp_path / "x")])
+                              "--data", str(toy["splits"]["train"]), "--targets", "lung_volume_ml", "--out", str(tmp_path / "x")])
     with pytest.raises(HaganError, match="--table"):
         args.func(args)
 

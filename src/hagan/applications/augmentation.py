@@ -1,7 +1,7 @@
 """GAN augmentation for supervised learning (HA-GAN's section IV-C, Table V).
 
-For each seed, the Table VIII classifier is trained twice from the same initialisation and data
-order: on the real training set, and on the real set plus synthetic labelled volumes that make up
+For each seed, the Table VIII classifier is trained twice from the same initialisation (the seed
+also seeds the shuffling, though the two sets' orders differ): on the real training set, and on the real set plus synthetic labelled volumes that make up
 ``synthetic_fraction`` (20%) of the augmented set, drawn with the training set's class proportions.
 Accuracy on the held-out test split is compared over the seeds with a paired test.
 """
@@ -125,7 +125,8 @@ def run_augmentation(
     n_synthetic = synthetic_count(len(train), settings.synthetic_fraction)
     counts = class_counts(train.labels, n_synthetic, num_classes)
     arms = [REAL] + [f"{REAL}+{label}" for label in generators]
-    scores = {arm: {split: {metric: [] for metric in METRICS} for split in held_out} for arm in arms}
+    evaluated = {"train": train, **held_out}  # the real training set shows how far each classifier fits it
+    scores = {arm: {split: {metric: [] for metric in METRICS} for split in evaluated} for arm in arms}
     examples: dict[str, list[np.ndarray | None]] = {}
 
     for seed in tqdm(settings.seeds, desc="seeds", unit="seed", disable=not progress):
@@ -141,7 +142,7 @@ def run_augmentation(
         for arm, (volumes, labels) in sets.items():
             model = train_classifier(volumes, labels, num_classes, settings.classifier, seed, device, progress,
                                      description=f"{arm} seed {seed}")
-            for split, values in _evaluate(model, held_out, device).items():
+            for split, values in _evaluate(model, evaluated, device).items():
                 for metric, value in values.items():
                     scores[arm][split][metric].append(value)
 

@@ -16,7 +16,10 @@ from hagan.errors import HaganError
 
 from .augmentation import AugmentationSettings, run_augmentation
 from .classifier import TrainingRecipe
-from .datasets import PHANTOM_TARGETS, count_classes, is_cache, parse_targets, prepare_npz_splits, prepare_phantoms, read_tables
+from .datasets import (
+    PHANTOM_TARGETS, count_classes, is_cache, parse_targets, prepare_npz_splits, prepare_phantoms, read_tables,
+    require_columns,
+)
 from .features import FeatureSettings, run_features
 from .latent_walk import DIRECTIONS, FIT_ON, REFERENCES, WalkSettings, run_latent_walk
 from .runs import ensure_run, open_runs, training_config
@@ -83,7 +86,12 @@ def cmd_augmentation(args: argparse.Namespace) -> None:
     source = args.data[0]
     if len(args.data) != 1:
         raise HaganError("--data: the augmentation experiment takes one source")
+    recipe = TrainingRecipe(args.epochs, args.batch_size, args.lr, args.classifier_width)
+    settings = AugmentationSettings(args.seeds, args.synthetic_fraction, recipe, args.device)
+    settings.check()
     if source == PHANTOMS:
+        if args.phantom_kind != "thorax-ct":
+            raise HaganError("--phantom-kind: the augmentation experiment's phantom classes are thorax CT emphysema grades")
         splits, _ = prepare_phantoms(out / "data", "thorax-ct", args.n, _model_size(args), seed=0, test_fraction=0.25,
                                      label="grade")
     elif source.endswith(".npz"):
@@ -95,8 +103,6 @@ def cmd_augmentation(args: argparse.Namespace) -> None:
     classes = count_classes(list(splits.values()))
     hagan_run = _obtain_run(args, splits["train"], model={"num_classes": classes})
     generators = {args.label: [hagan_run], **open_runs(args.compare, args.device)}
-    recipe = TrainingRecipe(args.epochs, args.batch_size, args.lr, args.classifier_width)
-    settings = AugmentationSettings(args.seeds, args.synthetic_fraction, recipe, args.device)
     results = run_augmentation(splits, generators, out, settings)
     for arm, summary in results["summary"].items():
         accuracy = summary["test"]["accuracy"]
@@ -107,23 +113,32 @@ def cmd_augmentation(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'results.json'} and {out / 'augmentation.png'}")
 
 
-def _measured_inputs(args: argparse.Namespace) -> tuple[list[str], list[str], Path | None, str | None]:
-    """Inputs, tables, a cache to train on, and the phantom kind when the toy data were asked for."""
-    if args.data == [PHANTOMS]:
+def _phantom_kind(args: argparse.Namespace) -> str | None:
+    """The phantom kind when the toy data were asked for, else None."""
+    return args.phantom_kind if args.data == [PHANTOMS] else None
+
+
+def _measured_inputs(args: argparse.Namespace) -> tuple[list[str], list[str], Path | None]:
+    """Inputs, tables, and a cache to train on (phantoms are prepared here)."""
+    if _phantom_kind(args):
         caches, table = prepare_phantoms(Path(args.out) / "data", args.phantom_kind, args.n, _model_size(args))
-        return [str(caches["all"])], [str(table)] + list(args.table), caches["all"], args.phantom_kind
+        return [str(caches["all"])], [str(table)] + list(args.table), caches["all"]
     if not args.table:
         raise HaganError("--table: name the CSV file(s) that hold the measurements")
     cache = Path(args.data[0]) if len(args.data) == 1 and is_cache(args.data[0]) else None
-    return list(args.data), list(args.table), cache, None
+    return list(args.data), list(args.table), cache
 
 
 def cmd_features(args: argparse.Namespace) -> None:
-    inputs, tables, cache, kind = _measured_inputs(args)
+    kind = _phantom_kind(args)
     targets = parse_targets(args.targets or (PHANTOM_TARGETS[kind] if kind else []))
-    encoders = {args.label: _obtain_run(args, cache), **{k: v[0] for k, v in open_runs(args.compare, args.device).items()}}
     settings = FeatureSettings(targets, args.folds, args.seeds, args.alpha, not args.no_log, args.image_edge)
-    results = run_features(inputs, read_tables(tables), encoders, args.out, settings)
+    settings.check()
+    inputs, tables, cache = _measured_inputs(args)
+    table = read_tables(tables)
+    require_columns(table, targets)
+    encoders = {args.label: _obtain_run(args, cache), **{k: v[0] for k, v in open_runs(args.compare, args.device).items()}}
+    results = run_features(inputs, table, encoders, args.out, settings)
     for name, by_set in results["r2"].items():
         cells = ", ".join(f"{label} {v['pooled_mean']:.3f} ± {v['pooled_std']:.3f}" for label, v in by_set.items())
         print(f"R² {name}: {cells}")
@@ -131,17 +146,19 @@ def cmd_features(args: argparse.Namespace) -> None:
 
 
 def cmd_latent_walk(args: argparse.Namespace) -> None:
-    inputs, tables, cache, kind = _measured_inputs(args)
-    default_target, default_tissue = WALK_DEFAULTS.get(kind, (None, None))
+    default_target, default_tissue = WALK_DEFAULTS.get(_phantom_kind(args), (None, None))
     target_spec = args.target or default_target
     tissue = args.tissue or default_tissue
     if target_spec is None or tissue is None:
         raise HaganError("--target and --tissue are needed unless --data is phantoms")
-    run = _obtain_run(args, cache)
     settings = WalkSettings(parse_targets([target_spec])[0], tissue, args.steps, args.references, args.reference,
                             args.direction, tuple(args.target_quantiles), args.class_label, args.alpha, args.seed,
                             args.fit_on, args.samples)
-    results = run_latent_walk(inputs, read_tables(tables), run, args.out, settings)
+    settings.check()
+    inputs, tables, cache = _measured_inputs(args)
+    table = read_tables(tables)
+    require_columns(table, [settings.target])
+    results = run_latent_walk(inputs, table, _obtain_run(args, cache), args.out, settings)
     for i, walk in enumerate(results["walks"]):
         print(f"walk {i + 1} from {walk['reference']}: segmented {tissue} "
               f"{' -> '.join(f'{v:.0f}' for v in walk['measured_ml'])} ml (Spearman {walk['spearman']:.2f})")

@@ -12,6 +12,7 @@ sees real volumes exactly as the generative model saw them in training. Three so
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -24,12 +25,13 @@ from tqdm import tqdm
 
 from hagan.data import CachedVolumeDataset, load_manifest, split_indices
 from hagan.errors import HaganError, VolumeError
-from hagan.io import list_volume_paths, read_volume, volume_stem
+from hagan.io import list_volume_paths, read_volume, volume_stem, write_json_atomic
 from hagan.phantoms import RECIPE_FOR_KIND, write_phantom_dataset
 from hagan.preprocess import preprocess_folder, preprocess_volume
 
 NPZ_SPLITS = ("train", "val", "test")
 ATTRIBUTES_FILE = "attributes.csv"
+PREPARATION_FILE = "preparation.json"  # what a phantom preparation was made with, so a reuse can be checked
 # what each phantom kind measures, in the order the experiments report them
 PHANTOM_TARGETS = {
     "thorax-ct": ("lung_volume_ml", "bone_volume_ml", "body_volume_ml"),
@@ -158,14 +160,19 @@ def read_tables(paths: Sequence[str | os.PathLike]) -> dict[str, dict[str, str]]
     return rows
 
 
+def require_columns(table: dict[str, dict[str, str]], targets: Sequence[tuple[str, str]]) -> None:
+    """Refuse targets whose columns no table has, before any work depends on them."""
+    columns = {column for row in table.values() for column in row if column is not None}  # None: surplus fields
+    missing = [column for _, column in targets if column not in columns]
+    if missing:
+        raise HaganError(f"no column {', '.join(map(repr, missing))} in the tables (columns: {', '.join(sorted(columns)[:12])}, ...)")
+
+
 def measurements(
     names: Sequence[str], table: dict[str, dict[str, str]], targets: Sequence[tuple[str, str]]
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Which volumes have every target, and the targets' values for those volumes (float64)."""
-    columns = {column for row in table.values() for column in row}
-    missing = [column for _, column in targets if column not in columns]
-    if missing:
-        raise HaganError(f"no column {', '.join(map(repr, missing))} in the tables (columns: {', '.join(sorted(columns)[:12])}, ...)")
+    require_columns(table, targets)
     keep = np.zeros(len(names), bool)
     values = {name: np.full(len(names), np.nan) for name, _ in targets}
     for i, volume_name in enumerate(names):
@@ -173,7 +180,7 @@ def measurements(
         if row is None:
             continue
         try:
-            parsed = {name: float(row[column]) for name, column in targets}
+            parsed = {name: float(row.get(column)) for name, column in targets}  # a row of another table may lack it
         except (TypeError, ValueError):
             continue
         if all(np.isfinite(v) for v in parsed.values()):
@@ -244,6 +251,14 @@ def prepare_phantoms(
     """
     out = Path(out)
     table = out / "phantoms" / ATTRIBUTES_FILE
+    recipe_file = out / PREPARATION_FILE
+    preparation = {"kind": kind, "n": n, "size": size, "seed": seed, "test_fraction": test_fraction, "label": label}
+    if recipe_file.is_file():
+        earlier = json.loads(recipe_file.read_text())
+        if earlier != preparation:
+            raise HaganError(f"{out}: holds phantoms prepared as {earlier}, not {preparation}; remove it or choose another --out")
+    elif out.exists() and any(out.iterdir()):
+        raise HaganError(f"{out}: exists and holds files that are not a phantom preparation; choose another --out")
     if not table.is_file():
         write_phantom_dataset(out / "phantoms", kind=kind, n=n, size=size, seed=seed, progress=True)
     files = sorted((out / "phantoms").glob(f"{kind}_*.nii.gz"))
@@ -259,4 +274,5 @@ def prepare_phantoms(
             preprocess_folder(paths, cache, recipe=RECIPE_FOR_KIND[kind], size=size, labels_csv=table if label else None,
                               label_column=label, progress=False)
         caches[split] = cache
+    write_json_atomic(recipe_file, preparation)
     return caches, table

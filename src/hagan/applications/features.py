@@ -1,11 +1,12 @@
 """Clinically relevant feature extraction (HA-GAN's section IV-D, Table VI).
 
-Real volumes are encoded to latent codes by each model's encoder; a ridge regression (alpha 1e-4
-on standardised features, as the paper; ``alpha=None`` chooses it by leave-one-out inside each
+Real volumes are encoded to latent codes by each model's encoder; a ridge regression (the paper's
+alpha 1e-4; the paper does not say whether it standardised the features, this does, so that the
+penalty weighs every latent dimension alike; ``alpha=None`` chooses it by leave-one-out inside each
 training fold, which a set with fewer subjects than latent dimensions needs) predicts the logarithm
 of each measurement, and R^2 is
 scored on held-out folds of repeated k-fold cross-validation (the same folds for every feature set,
-so their R^2 are paired). Two references need no model: ``constant`` predicts the training folds'
+so their R^2 are paired, and compared with the corrected resampled t-test). Two references need no model: ``constant`` predicts the training folds'
 mean (R^2 just below 0), ``image-E^3`` regresses on the volume average-pooled to E^3 voxels, which
 tells how much an encoder adds over raw intensities.
 """
@@ -28,7 +29,7 @@ from hagan.errors import HaganError
 
 from .datasets import VolumeSet, load_for_run, measurements
 from .regression import cross_validated_r2, kfold_indices, out_of_fold_predictions
-from .report import paired_comparison, save_figure, write_results
+from .report import corrected_resampled_comparison, save_figure, write_results
 
 CONSTANT = "constant"
 
@@ -108,7 +109,9 @@ def run_features(
     r2 = {name: {label: cross_validated_r2(x, y, settings.folds, settings.seeds, settings.alpha)
                  for label, x in feature_sets.items()} for name, y in targets.items()}
     main = next(iter(encoders))
-    comparisons = {name: {f"{main} vs {label}": paired_comparison(scores[main]["pooled"], scores[label]["pooled"])
+    test_train_ratio = 1 / (settings.folds - 1)
+    comparisons = {name: {f"{main} vs {label}": corrected_resampled_comparison(scores[main]["per_fold"],
+                                                                              scores[label]["per_fold"], test_train_ratio)
                           for label in scores if label != main} for name, scores in r2.items()}
     results = {
         "experiment": "features",

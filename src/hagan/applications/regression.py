@@ -107,8 +107,9 @@ def cross_validated_r2(
     """R^2 of held-out predictions over repeated k-fold splits.
 
     ``pooled`` is the R^2 of all out-of-fold predictions of one repetition (one value per seed);
-    ``per_fold`` the R^2 inside each test fold, which is noisier with small folds. The same folds
-    serve every feature set, so comparisons between them are paired.
+    ``per_fold`` the R^2 inside each test fold (seed by seed, fold by fold; NaN where a fold's target
+    is constant), which is noisier with small folds. The same folds serve every feature set, so
+    comparisons between them are paired.
     """
     y = np.asarray(y, np.float64)
     pooled, per_fold = [], []
@@ -116,13 +117,14 @@ def cross_validated_r2(
         folds = kfold_indices(len(y), k, seed)
         predictions = out_of_fold_predictions(x, y, folds, alpha)
         pooled.append(r2_score(y, predictions))
-        per_fold += [r2_score(y[f], predictions[f]) for f in folds if np.ptp(y[f]) > 0]
+        per_fold += [r2_score(y[f], predictions[f]) if np.ptp(y[f]) > 0 else float("nan") for f in folds]
     return {
         "pooled": pooled,
         "pooled_mean": float(np.mean(pooled)),
         "pooled_std": float(np.std(pooled, ddof=1)) if len(pooled) > 1 else 0.0,
-        "per_fold_mean": float(np.mean(per_fold)),
-        "per_fold_std": float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else 0.0,
+        "per_fold": per_fold,
+        "per_fold_mean": float(np.nanmean(per_fold)),
+        "per_fold_std": float(np.nanstd(per_fold, ddof=1)) if np.isfinite(per_fold).sum() > 1 else 0.0,
     }
 
 

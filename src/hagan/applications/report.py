@@ -49,3 +49,26 @@ def paired_comparison(treated: list[float], control: list[float]) -> dict[str, A
     if len(diff) >= 6 and np.any(diff != 0):
         result["p_wilcoxon"] = float(scipy.stats.wilcoxon(a, b).pvalue)
     return result
+
+
+def corrected_resampled_comparison(treated: list[float], control: list[float], test_train_ratio: float) -> dict[str, Any]:
+    """Difference over the folds of repeated k-fold cross-validation, paired fold by fold.
+
+    Folds of different repetitions share subjects, so their differences are correlated and the plain
+    paired t-test's variance, var / J, is far too small. Nadeau and Bengio's corrected resampled
+    t-test (Machine Learning 52, 2003) uses var * (1 / J + n_test / n_train) instead.
+    """
+    a, b = np.asarray(treated, np.float64), np.asarray(control, np.float64)
+    usable = np.isfinite(a) & np.isfinite(b)
+    diff = a[usable] - b[usable]
+    result: dict[str, Any] = {"folds": len(diff), "mean_difference": float(diff.mean()) if len(diff) else float("nan"),
+                              "test": "corrected resampled t-test (Nadeau and Bengio 2003)"}
+    if len(diff) < 2:
+        return result
+    error = float(np.sqrt(diff.var(ddof=1) * (1 / len(diff) + test_train_ratio)))
+    half = float(scipy.stats.t.ppf(0.975, len(diff) - 1) * error)
+    result["ci95"] = [result["mean_difference"] - half, result["mean_difference"] + half]
+    if error > 0:
+        result["t"] = result["mean_difference"] / error
+        result["p_ttest"] = float(2 * scipy.stats.t.sf(abs(result["t"]), len(diff) - 1))
+    return result
