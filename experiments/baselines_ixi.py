@@ -34,11 +34,9 @@ import torch
 from hagan.api import load_run
 from hagan.bench import device_name, peak_rss_bytes, reset_peak_rss
 from hagan.config import PRESETS, build_config, parse_assignment
-from hagan.data import CachedVolumeDataset, load_manifest
-from hagan.errors import HaganError
-from hagan.io import list_volume_paths
-from hagan.metrics import pairwise_mean_abs_diff
-from hagan.preprocess import preprocess_folder
+from hagan.data import CachedVolumeDataset
+from hagan.metrics import grey_levels, pairwise_mean_abs_diff
+from hagan.preprocess import ensure_cache
 from hagan.train import SCALARS_FILE, Trainer
 from hagan.viz import montage_grid, three_plane_montage
 
@@ -47,21 +45,6 @@ SAMPLES = 16
 RECONSTRUCTED = 4
 
 
-def grey_levels(volumes: np.ndarray) -> torch.Tensor:
-    """[-1, 1] to grey levels of 255, the unit docs/small-data.md reports diversity in."""
-    return torch.from_numpy((volumes + 1) / 2 * 255)
-
-
-def cache_for(data: Path, out: Path, size: int, max_volumes: int) -> Path:
-    try:
-        load_manifest(data)
-        return data
-    except HaganError:
-        cache = out / "cache"
-        if not cache.exists():
-            files = list_volume_paths(data)[: max_volumes or None]
-            print(preprocess_folder(files, cache, recipe="mri", size=size).summary())
-        return cache
 
 
 def steady_speed(logged: list[dict]) -> float | None:
@@ -98,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
 
     out = Path(args.out)
-    cache = cache_for(Path(args.data), out, args.size, args.max_volumes)
+    cache = ensure_cache(Path(args.data), out / "cache", "mri", args.size, args.max_volumes)
     preset = preset_for(args.model, args.size)
     overrides = [
         {"data": {"cache": str(cache)}},

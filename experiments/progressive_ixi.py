@@ -42,13 +42,11 @@ import torch
 from hagan.api import load_run
 from hagan.bench import device_name, peak_rss_bytes, reset_peak_rss
 from hagan.config import build_config, parse_assignment
-from hagan.data import CachedVolumeDataset, infinite_loader, load_manifest
-from hagan.errors import HaganError
-from hagan.io import list_volume_paths
-from hagan.metrics import pairwise_mean_abs_diff
+from hagan.data import CachedVolumeDataset, infinite_loader
+from hagan.metrics import grey_levels, pairwise_mean_abs_diff
 from hagan.models import build_model
 from hagan.models.progressive_schedule import GrowthSchedule
-from hagan.preprocess import preprocess_folder
+from hagan.preprocess import ensure_cache
 from hagan.train import SCALARS_FILE, Trainer, pick_device
 from hagan.viz import montage_grid, three_plane_montage
 
@@ -56,21 +54,6 @@ SAMPLES = 16
 RECONSTRUCTED = 4
 
 
-def grey_levels(volumes: np.ndarray) -> torch.Tensor:
-    """[-1, 1] to grey levels of 255, the unit docs/small-data.md reports diversity in."""
-    return torch.from_numpy((volumes + 1) / 2 * 255)
-
-
-def cache_for(data: Path, out: Path, size: int, max_volumes: int) -> Path:
-    try:
-        load_manifest(data)
-        return data
-    except HaganError:
-        cache = out / "cache"
-        if not cache.exists():
-            files = list_volume_paths(data)[: max_volumes or None]
-            print(preprocess_folder(files, cache, recipe="mri", size=size).summary())
-        return cache
 
 
 def sync(device: torch.device) -> None:
@@ -151,7 +134,7 @@ def main() -> None:
         raise SystemExit("--encoder-share must lie in (0, 1)")
 
     out = Path(args.out)
-    cache = cache_for(Path(args.data), out, args.size, args.max_volumes)
+    cache = ensure_cache(Path(args.data), out / "cache", "mri", args.size, args.max_volumes)
     preset = "progressive-2d" if args.dims == 2 else "progressive-128"
     overrides = [
         {"data": {"cache": str(cache)}},

@@ -20,14 +20,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from hagan.api import load_run
 from hagan.checkpoint import list_checkpoints
 from hagan.config import build_config
 from hagan.data import CachedVolumeDataset, load_manifest
 from hagan.errors import HaganError
-from hagan.metrics import pairwise_mean_abs_diff
+from hagan.metrics import grey_levels, pairwise_mean_abs_diff
 from hagan.preprocess import preprocess_folder
 from hagan.train import train
 from hagan.viz import montage_grid, three_plane_montage
@@ -39,9 +38,6 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "small-data-wgan": ("small-data-128", {"loss": {"kind": "wgan-gp", "r1_gamma": 0.0}, "model": {"minibatch_std": True}}),
 }
 
-
-def grey_levels(volumes: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy((volumes + 1) / 2 * 255)
 
 
 def diversity_curve(run_dir: Path, samples: int, device: str) -> list[list[float]]:

@@ -11,6 +11,7 @@ from hagan.preprocess import (
     RECIPES,
     apply_recipe,
     canonicalise,
+    ensure_cache,
     fit_to_cube,
     preprocess_folder,
     preprocess_volume,
@@ -286,3 +287,15 @@ def test_preprocess_three_ixi_volumes(tmp_path):
         source = read_volume(path)
         centre = world(source.affine, np.array(source.array.shape) / 2 - 0.5)
         assert np.linalg.norm(world(np.array(entry["affine"]), [31.5] * 3) - centre) < 20
+
+
+def test_ensure_cache_takes_a_cache_as_it_is_and_caches_a_folder_once(tmp_path):
+    folder = tmp_path / "volumes"
+    folder.mkdir()
+    for i in range(3):
+        np.save(folder / f"v{i}.npy", np.random.default_rng(i).normal(size=(20, 20, 20)).astype(np.float32))
+    cache = ensure_cache(folder, tmp_path / "cache", "mri", 16, max_volumes=2)
+    assert cache == tmp_path / "cache" and len(json.loads((cache / "manifest.json").read_text())["entries"]) == 2
+    assert ensure_cache(cache, tmp_path / "elsewhere", "mri", 16) == cache and not (tmp_path / "elsewhere").exists()
+    stamp = (cache / "manifest.json").stat().st_mtime_ns
+    assert ensure_cache(folder, cache, "mri", 16) == cache and (cache / "manifest.json").stat().st_mtime_ns == stamp

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
+
+
+def grey_levels(volumes: np.ndarray) -> Tensor:
+    """Model range [-1, 1] to grey levels 0-255: the unit the docs report diversity and errors in."""
+    return torch.from_numpy((volumes + 1) / 2 * 255)
 
 
 def pairwise_mean_abs_diff(volumes: Tensor) -> float:

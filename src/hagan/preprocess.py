@@ -525,3 +525,19 @@ def preprocess_folder(
                 stale.unlink()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def ensure_cache(data: str | os.PathLike, out: str | os.PathLike, recipe: str, size: int, max_volumes: int = 0) -> Path:
+    """``data`` itself when it is already a cache, else ``out`` made from its first ``max_volumes``
+    volumes (0: all), or reused when an earlier call made it: experiments accept either."""
+    from hagan.data import load_manifest  # hagan.data imports this module
+
+    try:
+        load_manifest(data)
+        return Path(data)
+    except HaganError:
+        cache = Path(out)
+        if not cache.exists():
+            files = list_volume_paths(data)[: max_volumes or None]
+            print(preprocess_folder(files, cache, recipe=recipe, size=size).summary())
+        return cache
