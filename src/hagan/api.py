@@ -36,6 +36,14 @@ def to_output_intensity(array: np.ndarray, recipe: str) -> np.ndarray:
     return ((array + 1) / 2).astype(np.float32)
 
 
+def run_config(run_dir: str | os.PathLike) -> Config:
+    """A training run's saved configuration, without loading its weights."""
+    config_path = Path(run_dir) / CONFIG_FILE
+    if not config_path.is_file():
+        raise HaganError(f"{run_dir}: not a training run (no {CONFIG_FILE})")
+    return Config.from_dict(load_yaml(config_path), str(config_path))
+
+
 class Run:
     """A trained model with the geometry and intensity recipe of the data it learned from."""
 
@@ -49,10 +57,7 @@ class Run:
         tile_depth: int = 0,
     ):
         self.run_dir = Path(run_dir)
-        config_path = self.run_dir / CONFIG_FILE
-        if not config_path.is_file():
-            raise HaganError(f"{self.run_dir}: not a training run (no {CONFIG_FILE})")
-        self.config = Config.from_dict(load_yaml(config_path), str(config_path))
+        self.config = run_config(self.run_dir)
         if precision is not None:
             if precision not in PRECISIONS:
                 raise HaganError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

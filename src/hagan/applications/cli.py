@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hagan.api import Run, load_run
+from hagan.api import Run, load_run, run_config
 from hagan.config import PRESETS
 from hagan.errors import HaganError
 
@@ -77,7 +77,7 @@ def _obtain_run(args: argparse.Namespace, cache: Path | None, **sections: dict) 
 def _model_size(args: argparse.Namespace) -> int:
     """The cube edge the data must be prepared at: the given run's, or the training config's."""
     if args.run:
-        return load_run(args.run, device="cpu").size
+        return run_config(args.run).model.size
     return training_config(args.preset, args.config, args.set, Path(".")).model.size
 
 
