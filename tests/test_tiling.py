@@ -10,9 +10,9 @@ from hagan.models.tiling import tiled_high_res
 SHAPE = (2, 16, 8, 6, 5)  # non-cubic, so a mixed-up axis cannot pass
 
 
-def make(dtype: torch.dtype = torch.float32) -> tuple[HighResGenerator, torch.Tensor]:
+def make(dtype: torch.dtype = torch.float32, norm: str = "group") -> tuple[HighResGenerator, torch.Tensor]:
     torch.manual_seed(0)
-    gen = HighResGenerator(in_channels=16, width=0.25)
+    gen = HighResGenerator(in_channels=16, width=0.25, norm=norm)
     norm = gen.body[1][1]
     with torch.no_grad():  # an affine that matters: identity weight and zero bias would hide mistakes in it
         norm.weight.uniform_(0.5, 1.5)
@@ -22,9 +22,10 @@ def make(dtype: torch.dtype = torch.float32) -> tuple[HighResGenerator, torch.Te
     return gen, (torch.randn(SHAPE) + 0.3).to(dtype)
 
 
+@pytest.mark.parametrize("norm", ["group", "channel"])
 @pytest.mark.parametrize("tile_depth", [1, 3, 8, 100])
-def test_tiled_matches_untiled_float32(tile_depth):
-    gen, features = make()
+def test_tiled_matches_untiled_float32(tile_depth, norm):
+    gen, features = make(norm=norm)
     with torch.no_grad():
         expected = gen(features)
     out = tiled_high_res(gen, features, tile_depth)

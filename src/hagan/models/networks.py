@@ -67,17 +67,30 @@ def minibatch_stddev(x: Tensor) -> Tensor:
     return torch.cat([x, std.expand(x.shape[0], 1, *x.shape[2:])], dim=1)
 
 
+UPSAMPLE_MODES = ("nearest", "trilinear")
+
+
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, as the paper's 'Interpolation' rows and the authors' code."""
+    """x2 interpolation: nearest, as the paper's 'Interpolation' rows and the authors' code, or trilinear,
+    which does not leave the 2-voxel staircase that one 3^3 convolution after a nearest upsampling cannot smooth."""
+
+    def __init__(self, mode: str = "nearest"):
+        super().__init__()
+        if mode not in UPSAMPLE_MODES:
+            raise ValueError(f"upsampling must be one of {', '.join(UPSAMPLE_MODES)}, got {mode!r}")
+        self.mode = mode
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.interpolate(x, scale_factor=2, mode="nearest")
+        if self.mode == "nearest":
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+        return F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
 
 
 class CommonGenerator(nn.Module):
     """G^A: latent (and one-hot class) to the 64-channel feature volume A at 1/4 of the output size."""
 
-    def __init__(self, size: int, latent_dim: int = 1024, num_classes: int = 0, width: float = 1.0):
+    def __init__(self, size: int, latent_dim: int = 1024, num_classes: int = 0, width: float = 1.0,
+                 upsample: str = "nearest"):
         super().__init__()
         check_size(size)
         self.latent_dim, self.num_classes = latent_dim, num_classes
@@ -91,7 +104,7 @@ class CommonGenerator(nn.Module):
         for i, cout in enumerate(channels):
             layers.append(conv_gn_relu(channels[max(i - 1, 0)], cout))
             if i < upsamplings:
-                layers.append(Upsample())
+                layers.append(Upsample(upsample))
         self.body = nn.Sequential(*layers)
         self.out_channels = channels[-1]
 
@@ -118,18 +131,66 @@ class LowResGenerator(nn.Module):
         return self.body(a)
 
 
-class HighResGenerator(nn.Module):
-    """G^H: lifts any depth range of A (a slab in training, all of it at inference) by 4x."""
+class ChannelNorm(nn.Module):
+    """Normalisation over the channels of each voxel alone, with GroupNorm's per-channel affine.
 
-    def __init__(self, in_channels: int, width: float = 1.0):
+    GroupNorm's statistics span the whole input, so G^H normalises a training slab differently from the
+    same slab inside a full volume; statistics of one voxel are the same wherever the voxel is cut out.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5):
         super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        channels_last = x.movedim(1, -1)
+        normalised = F.layer_norm(channels_last, channels_last.shape[-1:], self.weight, self.bias, self.eps)
+        return normalised.movedim(-1, 1)
+
+
+HIGH_RES_NORMS = ("group", "channel")
+
+
+class HighResGenerator(nn.Module):
+    """G^H: lifts any depth range of A (a slab in training, all of it at inference) by 4x.
+
+    With ``norm="channel"`` every output voxel depends only on the feature slices within ``halo`` of its
+    own, so a slab computed from A's slab plus ``halo`` slices either side equals the full volume's slab.
+    """
+
+    def __init__(self, in_channels: int, width: float = 1.0, norm: str = "group", upsample: str = "nearest"):
+        super().__init__()
+        if norm not in HIGH_RES_NORMS:
+            raise ValueError(f"norm must be one of {', '.join(HIGH_RES_NORMS)}, got {norm!r}")
         c = scaled(32, width)
+        normalise = nn.GroupNorm(GROUPS, c) if norm == "group" else ChannelNorm(c)
+        self.norm = norm
+        # x2, 3^3 conv, x2, 3^3 conv: a nearest upsampling reads one feature slice either side, a
+        # trilinear one (each new slice interpolates two neighbours) two
+        self.halo = 1 if upsample == "nearest" else 2
         self.body = nn.Sequential(
-            Upsample(), conv_gn_relu(in_channels, c), Upsample(), nn.Conv3d(c, 1, 3, 1, 1), nn.Tanh()
+            Upsample(upsample),
+            nn.Sequential(nn.Conv3d(in_channels, c, 3, 1, 1), normalise, nn.ReLU(inplace=True)),
+            Upsample(upsample),
+            nn.Conv3d(c, 1, 3, 1, 1),
+            nn.Tanh(),
         )
 
     def forward(self, a: Tensor) -> Tensor:
         return self.body(a)
+
+    def depth_range(self, a: Tensor, start: int, count: int) -> Tensor:
+        """Output slices [4*start, 4*(start+count)) of ``self(a)``, computed from A's slices around them only.
+
+        Exact for the voxel-local ``channel`` norm; GroupNorm's statistics would come from the cut-out.
+        """
+        depth = a.shape[2]
+        lo, hi = max(start - self.halo, 0), min(start + count + self.halo, depth)
+        out = self(a[:, :, lo:hi])
+        offset = 4 * (start - lo)
+        return out[:, :, offset : offset + 4 * count]
 
 
 class HighResDiscriminator(nn.Module):

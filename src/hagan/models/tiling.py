@@ -5,7 +5,8 @@ the whole volume; at 512^3 those alone take tens of GB. A 3x3x3 convolution of a
 one upsampled row either side of the rows it produces, so each convolution can run on depth tiles with a
 one-slice halo and give exactly the untiled result. Only the GroupNorm between them needs the whole volume:
 its statistics are gathered over the one stored buffer (the first convolution's output) before it is
-normalised in place.
+normalised in place. With the voxel-local channel norm nothing needs the whole volume: each tile is G^H of its
+feature slices plus a halo, cropped, exactly as the training slabs are made.
 """
 
 from __future__ import annotations
@@ -86,20 +87,36 @@ def _group_norm_relu_(buf: Tensor, norm: nn.GroupNorm, tile: int) -> None:
         x.copy_(torch.addcmul(shift, x.to(dtype), scale).relu_())
 
 
+def _tiled_local(high_gen: HighResGenerator, features: Tensor, tile_depth: int) -> Tensor:
+    """G^H with the voxel-local norm: each tile from its own feature slices plus the halo, nothing else kept."""
+    depth = features.shape[2]
+    out: Tensor | None = None
+    for start in range(0, depth, tile_depth):
+        count = min(tile_depth, depth - start)
+        y = high_gen.depth_range(features, start, count)
+        if out is None:
+            out = y.new_empty((y.shape[0], y.shape[1], 4 * depth, *y.shape[3:]))
+        out[:, :, 4 * start : 4 * (start + count)] = y
+    assert out is not None  # depth >= 1, so the loop ran
+    return out
+
+
 @torch.no_grad()
 def tiled_high_res(high_gen: HighResGenerator, features: Tensor, tile_depth: int) -> Tensor:
     """``high_gen(features)`` for (N, C, D, H, W) features, computed over depth tiles of ``tile_depth`` slices.
 
-    Gives the untiled result up to float rounding, but stores only the first convolution's output for the
-    whole volume (N, c, 2D, 2H, 2W) besides the (N, 1, 4D, 4H, 4W) result; the upsampled inputs exist one
-    tile at a time. Inference only; honours an enclosing ``torch.autocast``.
+    Gives the untiled result up to float rounding. With GroupNorm it stores the first convolution's output for
+    the whole volume (N, c, 2D, 2H, 2W) besides the (N, 1, 4D, 4H, 4W) result, with the channel norm only the
+    result; the upsampled inputs exist one tile at a time. Inference only; honours an enclosing ``torch.autocast``.
     """
     if tile_depth < 1:
         raise ValueError(f"tile_depth must be at least 1, got {tile_depth}")
     if features.dim() != 5 or features.shape[2] == 0:
         raise ValueError(f"features must be (N, C, D, H, W) with D >= 1, got shape {tuple(features.shape)}")
-    up1, conv1, norm, up2, conv2, tanh = _layers(high_gen)
     n, _, depth, height, width = features.shape
+    if isinstance(high_gen, HighResGenerator) and high_gen.norm == "channel":
+        return _tiled_local(high_gen, features, tile_depth)
+    up1, conv1, norm, up2, conv2, tanh = _layers(high_gen)
 
     buf: Tensor | None = None
     for start in range(0, depth, tile_depth):
