@@ -26,6 +26,7 @@ from .models import GenerativeModel, build_model
 from .train import CONFIG_FILE, GEOMETRY_FILE, pick_device
 
 CT_WINDOW = (-1024.0, 600.0)
+SAMPLE_FROM = (None, "ema", "raw")
 
 
 def to_output_intensity(array: np.ndarray, recipe: str) -> np.ndarray:
@@ -55,8 +56,11 @@ class Run:
         allow_pickle: bool = False,
         precision: str | None = None,
         tile_depth: int = 0,
+        sample_from: str | None = None,
     ):
         self.run_dir = Path(run_dir)
+        if sample_from not in SAMPLE_FROM:
+            raise HaganError(f"sample_from must be 'ema' or 'raw' (default: ema when the run keeps it), got {sample_from!r}")
         self.config = run_config(self.run_dir)
         if precision is not None:
             if precision not in PRECISIONS:
@@ -78,6 +82,13 @@ class Run:
         self.iteration = int(state["iteration"])
         self.model.to(self.device).eval()
         self.model.tile_depth = tile_depth
+        has_ema = getattr(self.model, "ema", None) is not None
+        if sample_from == "ema" and not has_ema:
+            raise HaganError(f"{self.run_dir}: this run keeps no averaged generator (train.ema_kimg is 0); "
+                             "use the raw weights")
+        self.uses_ema = has_ema and sample_from != "raw"
+        if has_ema:
+            self.model.sample_from_ema = self.uses_ema
 
     @property
     def size(self) -> int:
@@ -196,6 +207,7 @@ def load_run(
     allow_pickle: bool = False,
     precision: str | None = None,
     tile_depth: int = 0,
+    sample_from: str | None = None,
 ) -> Run:
     """Open a training run for inference: its latest checkpoint, or a named checkpoint folder or weights file.
 
@@ -203,5 +215,8 @@ def load_run(
     ``torch.load(weights_only=True)``. ``precision`` overrides the run's ``train.precision`` (``fp32``
     for the reference numbers, ``bf16`` for speed on GPUs); ``tile_depth`` > 0 runs the high-resolution
     generator over depth tiles of that many feature slices, which gives the same volume in far less memory.
+    ``sample_from`` picks the generator: by default the exponential moving average of its weights when the run
+    kept one (``train.ema_kimg``), which is what a GAN is sampled from, else the trained weights; ``"raw"``
+    the trained weights, ``"ema"`` the average or an error.
     """
-    return Run(run_dir, checkpoint, device, allow_pickle, precision, tile_depth)
+    return Run(run_dir, checkpoint, device, allow_pickle, precision, tile_depth, sample_from)

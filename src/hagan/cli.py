@@ -95,7 +95,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .api import load_run
     from .viz import three_plane_montage
 
-    run = load_run(args.run, args.checkpoint, args.device, args.allow_pickle, args.precision, args.tile_depth)
+    run = load_run(args.run, args.checkpoint, args.device, args.allow_pickle, args.precision, args.tile_depth,
+                   args.sample_from)
     if args.label_maps:
         if args.class_label is not None:
             raise HaganError("--label-maps: the models that generate label maps take no --class")
@@ -330,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="G^H over depth tiles of this many feature slices: the same volume in less memory (0: untiled below 512^3)")
     p.add_argument("--label-maps", action="store_true",
                    help="also write the label maps generated with each volume (progressive GAN with label channels)")
+    p.add_argument("--sample-from", choices=["ema", "raw"],
+                   help="the generator's moving average of weights (default when the run keeps one) or its trained weights")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("encode", help="encode volumes to latent codes")

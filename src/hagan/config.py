@@ -28,6 +28,8 @@ class ModelConfig:
     encoder: bool = True
     r_sampling: str = "random"
     minibatch_std: bool = False
+    consistent_slabs: bool = False
+    upsample: str = "nearest"
 
 
 @dataclass
@@ -37,7 +39,14 @@ class LossConfig:
     lambda_recon_global: float = 5.0
     lambda_class: float = 0.1
     r1_gamma: float = 0.0
+    r1_per_voxel: float = 0.0
+    r1_every: int = 1
     gp_lambda: float = 10.0
+    disc_losses: str = "averaged"
+    weight_high: float = 1.0
+    weight_low: float = 1.0
+    lambda_recon_generator: float = 0.0
+    lambda_latent_prior: float = 0.0
     diffaug: str = ""
     diffaug_p: float = 1.0
     ada_target: float = 0.0
@@ -81,6 +90,8 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool = False
     compile: bool = False
+    ema_kimg: float = 0.0
+    ema_rampup: float = 0.05
 
 
 @dataclass
@@ -225,10 +236,45 @@ def validate(config: Config, source: str = "config") -> None:
         problems.append(f"data.workers must be -1 (auto), 0 (load in the training process) or more, got {config.data.workers}")
     if t.max_rollbacks < 0:
         problems.append(f"train.max_rollbacks must not be negative, got {t.max_rollbacks}")
+    problems += hagan_problems(config)
     for name in ("patch", "progressive", "baseline"):
         problems += [f"{name}.{problem}" for problem in getattr(config, name).problems()]
     if problems:
         raise HaganError(f"{source}: " + "; ".join(problems))
+
+
+def hagan_problems(config: Config) -> list[str]:
+    """The small-data options of HA-GAN: losses per discriminator, R1's scale, the encoders' terms, EMA."""
+    m, loss, t = config.model, config.loss, config.train
+    problems = []
+    if m.upsample not in ("nearest", "trilinear"):
+        problems.append(f"model.upsample must be 'nearest' or 'trilinear', got {m.upsample!r}")
+    if m.upsample == "trilinear" and not m.consistent_slabs:
+        problems.append("model.upsample: trilinear needs model.consistent_slabs: true (the paper's G^H is nearest only)")
+    if loss.disc_losses not in ("averaged", "separate"):
+        problems.append(f"loss.disc_losses must be 'averaged' or 'separate', got {loss.disc_losses!r}")
+    negative = [name for name, value in (
+        ("loss.weight_high", loss.weight_high), ("loss.weight_low", loss.weight_low),
+        ("loss.r1_gamma", loss.r1_gamma), ("loss.r1_per_voxel", loss.r1_per_voxel),
+        ("loss.lambda_recon_generator", loss.lambda_recon_generator),
+        ("loss.lambda_latent_prior", loss.lambda_latent_prior),
+        ("train.ema_kimg", t.ema_kimg), ("train.ema_rampup", t.ema_rampup)) if value < 0]
+    problems += [f"{name} must not be negative" for name in negative]
+    if loss.r1_gamma > 0 and loss.r1_per_voxel > 0:
+        problems.append("set loss.r1_gamma (a fixed gamma) or loss.r1_per_voxel (gamma from the voxels per batch), not both")
+    if loss.r1_every < 1:
+        problems.append(f"loss.r1_every must be at least 1 (1: R1 at every step), got {loss.r1_every}")
+    if (loss.lambda_recon_generator > 0 or loss.lambda_latent_prior > 0) and not m.encoder:
+        problems.append("loss.lambda_recon_generator and loss.lambda_latent_prior train through the encoders; "
+                        "they need model.encoder: true")
+    if m.name != "hagan":
+        hagan_only = [name for name, on in (
+            ("model.consistent_slabs", m.consistent_slabs), ("model.upsample", m.upsample != "nearest"),
+            ("loss.disc_losses", loss.disc_losses != "averaged"),
+            ("loss.r1_per_voxel", loss.r1_per_voxel > 0), ("loss.lambda_recon_generator", loss.lambda_recon_generator > 0),
+            ("loss.lambda_latent_prior", loss.lambda_latent_prior > 0), ("train.ema_kimg", t.ema_kimg > 0)) if on]
+        problems += [f"{name} is an HA-GAN option; model {m.name!r} does not use it" for name in hagan_only]
+    return problems
 
 
 def check_world_size(config: Config, world_size: int) -> None:

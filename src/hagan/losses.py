@@ -62,3 +62,13 @@ def gradient_penalty(
         mixed.append((e * real.detach() + (1 - e) * fake.detach()).requires_grad_(True))
     norms = _squared_grad_norm(critic(*mixed), mixed).add(1e-12).sqrt()
     return (norms - 1).pow(2).mean()
+
+
+def latent_moment_penalty(codes: Tensor) -> Tensor:
+    """How far a batch of codes (n, d) is from N(0, I) in its first two moments, per dimension.
+
+    The encoder's codes are what G learns to reconstruct from; keeping their mean at 0 and their second
+    moment at 1 keeps them where random latents fall, so that G's prior samples stay heads.
+    """
+    codes = codes.float()
+    return codes.mean(0).pow(2).mean() + (codes.pow(2).mean(0) - 1).pow(2).mean()
