@@ -270,3 +270,26 @@ def test_bad_small_data_options_are_refused(sections, message):
         build_config(None, None, [sections])
 
 
+
+def test_paper_presets_keep_the_papers_training_and_small_data_turns_the_fixes_on():
+    for name in ("paper-128", "paper-256", "paper-512"):
+        c = build_config(name)
+        assert (c.model.consistent_slabs, c.model.upsample, c.loss.kind, c.loss.disc_losses) == (
+            False, "nearest", "bce", "averaged")
+        assert (c.loss.lambda_recon_generator, c.loss.lambda_latent_prior, c.train.ema_kimg) == (0, 0, 0)
+    for name in ("small-data-128", "demo"):
+        c = build_config(name)
+        assert c.model.consistent_slabs and c.model.upsample == "trilinear" and c.loss.disc_losses == "separate"
+        assert c.loss.lambda_recon_generator > 0 and c.loss.lambda_latent_prior > 0 and c.train.ema_kimg > 0
+    assert build_config("demo").model.size == 32 and build_config("small-data-128").model.size == 128
+
+
+def test_small_data_preset_trains_and_samples_from_its_average():
+    model = tiny_model(**{k: v for k, v in build_config("demo").to_dict().items() if k in ("loss", "optim", "train")},
+                       model={"consistent_slabs": True, "upsample": "trilinear"})
+    rng = torch.Generator().manual_seed(0)
+    before = params(model.ema)
+    for i in range(2):
+        model.train_step(batch(), i, rng)
+    assert moved(model.ema, before) and model.sample_from_ema
+    assert_slabs_match_full_volume(model, torch.randn(2, TINY["latent_dim"]))
