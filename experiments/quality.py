@@ -126,15 +126,16 @@ def set_scores(features: np.ndarray, diversity: float, real: dict[str, np.ndarra
     }
 
 
-def score_checkpoint(run_dir: Path, checkpoint: Path, extractor, real: dict[str, np.ndarray], samples: int) -> dict:
+def score_checkpoint(run_dir: Path, checkpoint: Path, extractor, real: dict[str, np.ndarray], samples: int,
+                     device: str) -> dict:
     """Scores of one checkpoint, from the averaged and from the raw generator, with their montages."""
     scores: dict = {}
     for sample_from in ("ema", "raw"):
-        run = load_run(run_dir, checkpoint=checkpoint, device="cpu", sample_from=sample_from)
+        run = load_run(run_dir, checkpoint=checkpoint, device=device, sample_from=sample_from)
         if sample_from == "ema" and not run.uses_ema:
             continue
         latents = torch.randn(samples, run.config.model.latent_dim, generator=torch.Generator().manual_seed(LATENT_SEED))
-        volumes = torch.cat(list(run.decode_batches(latents, batch_size=8)))[:, 0].numpy()
+        volumes = torch.cat(list(run.decode_batches(latents, batch_size=8)))[:, 0].float().cpu().numpy()
         features = extract(extractor, volumes)
         scores[sample_from] = set_scores(features, pairwise_mean_abs_diff(grey_levels(volumes)), real)
         folder = run_dir / "scores"
@@ -151,7 +152,7 @@ def protocol_config(name: str, seed: int, args: argparse.Namespace, cache: Path)
         extra,
         {"model": {"size": args.size, "width": args.width, "latent_dim": args.latent_dim},
          "optim": {"batch_size": args.batch_size}, "data": {"cache": str(cache)},
-         "train": {"seed": seed, "device": "cpu", "iterations": args.iterations, "log_every": 20,
+         "train": {"seed": seed, "device": args.device, "iterations": args.iterations, "log_every": 20,
                    "sample_every": args.checkpoint_every, "checkpoint_every": args.checkpoint_every,
                    "keep_checkpoints": 10_000}},
         *[parse_assignment(text) for text in args.set or []],
@@ -165,7 +166,7 @@ def protocol_config(name: str, seed: int, args: argparse.Namespace, cache: Path)
 
 def cmd_train(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    extractor = build_extractor("deepbet", device="cpu")
+    extractor = build_extractor("deepbet", device=args.device)
     real = real_reference(args, extractor)
     train_cache, _ = prepare_split(args)
     label = args.name or args.config
@@ -189,7 +190,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     for checkpoint in list_checkpoints(run_dir / "checkpoints"):
         key = str(int(checkpoint.name.split("_")[1]))
         if key not in results["checkpoints"]:
-            results["checkpoints"][key] = score_checkpoint(run_dir, checkpoint, extractor, real, args.samples)
+            results["checkpoints"][key] = score_checkpoint(run_dir, checkpoint, extractor, real, args.samples, args.device)
             print(json.dumps({label: {key: results["checkpoints"][key]}}), flush=True)
             write_json_atomic(results_path, results)
     write_json_atomic(results_path, results)
@@ -198,7 +199,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> None:
     """Real heads as if they were samples: k distinct training heads repeated to 64, all of them, and blurred ones."""
     out = Path(args.out)
-    extractor = build_extractor("deepbet", device="cpu")
+    extractor = build_extractor("deepbet", device=args.device)
     real = real_reference(args, extractor)
     train_cache, _ = prepare_split(args)
     volumes = load_volumes(train_cache)
@@ -220,29 +221,37 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(json.dumps(rows, indent=2))
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def cmd_cost(args: argparse.Namespace) -> None:
     """Seconds per training iteration of each configuration, timed back to back in this process."""
     out = Path(args.out)
     train_cache, _ = prepare_split(args)
     dataset = CachedVolumeDataset(train_cache)
-    batch = {"image": torch.stack([dataset[i]["image"] for i in range(args.batch_size)]),
-             "label": torch.full((args.batch_size,), -1)}
+    device = torch.device(args.device)
+    batch = {"image": torch.stack([dataset[i]["image"] for i in range(args.batch_size)]).to(device),
+             "label": torch.full((args.batch_size,), -1, device=device)}
     rows = {}
     for name in args.configs.split(","):
         config, _ = protocol_config(name, 0, args, train_cache)
         torch.manual_seed(0)
-        model = build_model(config)
+        model = build_model(config).to(device)
         rng = torch.Generator().manual_seed(0)
         for i in range(2):
             model.train_step(dict(batch), i, rng)
+        synchronize(device)
         started = time.perf_counter()
         for i in range(args.steps):
             model.train_step(dict(batch), 2 + i, rng)
+        synchronize(device)
         rows[name] = {"seconds_per_iteration": round((time.perf_counter() - started) / args.steps, 3)}
     first = next(iter(rows.values()))["seconds_per_iteration"]
     for row in rows.values():
         row["ratio_to_first"] = round(row["seconds_per_iteration"] / first, 2)
-    result = {"threads": torch.get_num_threads(), "steps": args.steps, "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    result = {"device": args.device, "threads": torch.get_num_threads(), "steps": args.steps, "date": time.strftime("%Y-%m-%d"), "rows": rows}
     write_json_atomic(out / f"cost-{args.size}.json", result)
     print(json.dumps(result, indent=2))
 
@@ -316,7 +325,7 @@ def plot_curves(runs: list[dict], calibration: dict, real_diversity: float, path
     figure.savefig(path, dpi=110)
 
 
-def side_by_side(out: Path, runs: list[dict], real: dict[str, np.ndarray], path: Path, at: int) -> None:
+def side_by_side(out: Path, runs: list[dict], real: dict[str, np.ndarray], path: Path, at: int, device: str) -> None:
     """Real validation heads beside each run at the reported iterations (the preset's weights), three planes each."""
     shown_runs = [(r, i) for r in runs for i in reported_iterations(r, at)]
     shown = max(1, min(4, MAX_MONTAGE_VOLUMES // (1 + len(shown_runs))))
@@ -324,9 +333,9 @@ def side_by_side(out: Path, runs: list[dict], real: dict[str, np.ndarray], path:
     for result, iteration in shown_runs:
         run_dir = out / "runs" / f"{result['name']}-seed{result['seed']}"
         checkpoint = run_dir / "checkpoints" / f"iter_{iteration:08d}"
-        run = load_run(run_dir, checkpoint=checkpoint, device="cpu", sample_from=result["preset_samples_from"])
+        run = load_run(run_dir, checkpoint=checkpoint, device=device, sample_from=result["preset_samples_from"])
         latents = torch.randn(SAMPLES, run.config.model.latent_dim, generator=torch.Generator().manual_seed(LATENT_SEED))
-        volumes = torch.cat(list(run.decode_batches(latents[:shown], batch_size=shown)))[:, 0].numpy()
+        volumes = torch.cat(list(run.decode_batches(latents[:shown], batch_size=shown)))[:, 0].float().cpu().numpy()
         columns.append((f"{result['name']} s{result['seed']} {iteration}", list(volumes)))
     volumes = [columns[c][1][r] for r in range(shown) for c in range(len(columns))]
     titles = [columns[c][0] for r in range(shown) for c in range(len(columns))]
@@ -349,7 +358,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n")
     plot_curves(runs, calibration, float(real["train_diversity"]), out / "curves.png")
     picked = [r for r in runs if not args.montage or r["name"] in args.montage.split(",")]
-    side_by_side(out, picked, real, out / "side-by-side.png", args.iterations)
+    side_by_side(out, picked, real, out / "side-by-side.png", args.iterations, args.device)
     print("\n".join(lines))
 
 
@@ -368,6 +377,7 @@ def main() -> None:
         p.add_argument("--iterations", type=int, default=2000)
         p.add_argument("--checkpoint-every", type=int, default=250)
         p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+        p.add_argument("--device", default="cpu", help="where to train, generate and extract features (default cpu)")
         p.add_argument("--samples", type=int, default=SAMPLES, help="volumes scored per checkpoint (default 64)")
         p.add_argument("--validation-heads", type=int, default=VALIDATION_HEADS, help="volumes held out (default 30)")
 
