@@ -42,7 +42,7 @@ from hagan.checkpoint import list_checkpoints
 from hagan.config import build_config, parse_assignment
 from hagan.data import CachedVolumeDataset, split_indices
 from hagan.evaluation import build_extractor, fid_from_features, kid
-from hagan.io import list_volume_paths, write_json_atomic
+from hagan.io import list_volume_paths, write_json_atomic, write_text_atomic
 from hagan.metrics import grey_levels, pairwise_mean_abs_diff
 from hagan.models import build_model
 from hagan.preprocess import preprocess_folder
@@ -278,11 +278,11 @@ def report_rows(runs: list[dict], calibration: dict, at: int) -> list[str]:
             used = " (preset)" if sample_from == result["preset_samples_from"] else ""
             lines.append(
                 f"| {result['name']} | {result['seed']} | {iteration} | {result['seconds_per_iteration']} | "
-                f"{sample_from}{used} | {row['kid_val']:.4f} ± {row['kid_val_std']:.4f} | {best:.4f} ({best_it}) | "
+                f"{sample_from}{used} | {row['kid_val']:.4f} sd {row['kid_val_std']:.4f} | {best:.4f} ({best_it}) | "
                 f"{row['fid_val']:.3f} | {row['diversity']:.1f} | {row['nn_ratio']:.2f} | {scores['slab_mismatch']:.3f} |")
     for name, row in calibration.items():
         if "kid_val" in row:
-            lines.append(f"| real: {name} | - | - | - | - | {row['kid_val']:.4f} ± {row['kid_val_std']:.4f} | - | "
+            lines.append(f"| real: {name} | - | - | - | - | {row['kid_val']:.4f} sd {row['kid_val_std']:.4f} | - | "
                          f"{row['fid_val']:.3f} | {row['diversity']:.1f} | - | - |")
         else:
             lines.append(f"| real: {name} | - | - | - | - | - | - | - | {row['diversity']:.1f} | - | - |")
@@ -355,7 +355,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         cost = json.loads(cost_path.read_text())
         lines += ["", f"Cost per iteration ({cost['threads']} threads, {cost['steps']} steps, {cost['date']}):", ""]
         lines += [f"- {name}: {row['seconds_per_iteration']} s ({row['ratio_to_first']}x)" for name, row in cost["rows"].items()]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     plot_curves(runs, calibration, float(real["train_diversity"]), out / "curves.png")
     picked = [r for r in runs if not args.montage or r["name"] in args.montage.split(",")]
     side_by_side(out, picked, real, out / "side-by-side.png", args.iterations, args.device)
