@@ -184,7 +184,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         train(config, run_dir, resume=resume)
         results["segments"].append({"from": done, "to": args.iterations,
                                     "seconds": round(time.perf_counter() - started, 1),
-                                    "date": time.strftime("%Y-%m-%d")})
+                                    "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")})
     speeds = read_scalars(run_dir).get("speed/it_per_s", [])
     results["seconds_per_iteration"] = round(1 / speeds[-1][1], 3) if speeds else None
     for checkpoint in list_checkpoints(run_dir / "checkpoints"):
@@ -262,9 +262,14 @@ def reported_iterations(result: dict, at: int) -> list[int]:
     return sorted({i for i in (at, done[-1]) if i in done})
 
 
+def wall_minutes(result: dict, iteration: int) -> float:
+    """Training time (scoring excluded) of the segments that ended by ``iteration``."""
+    return sum(segment["seconds"] for segment in result["segments"] if segment["to"] <= iteration) / 60
+
+
 def report_rows(runs: list[dict], calibration: dict, at: int) -> list[str]:
     """The markdown table: one row per run at its last checkpoint, then the real rows."""
-    header = ("| run | seed | iterations | train s/it | samples from | KID val | (best, at it.) | FID val | "
+    header = ("| run | seed | iterations | training wall time (min) | samples from | KID val | (best, at it.) | FID val | "
               "diversity | NN ratio | slab mismatch |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for result, iteration in ((r, i) for r in runs for i in reported_iterations(r, at)):
@@ -277,7 +282,7 @@ def report_rows(runs: list[dict], calibration: dict, at: int) -> list[str]:
                                  if int(k) <= iteration), key=lambda kv: kv[1])
             used = " (preset)" if sample_from == result["preset_samples_from"] else ""
             lines.append(
-                f"| {result['name']} | {result['seed']} | {iteration} | {result['seconds_per_iteration']} | "
+                f"| {result['name']} | {result['seed']} | {iteration} | {wall_minutes(result, iteration):.0f} | "
                 f"{sample_from}{used} | {row['kid_val']:.4f} sd {row['kid_val_std']:.4f} | {best:.4f} ({best_it}) | "
                 f"{row['fid_val']:.3f} | {row['diversity']:.1f} | {row['nn_ratio']:.2f} | {scores['slab_mismatch']:.3f} |")
     for name, row in calibration.items():
