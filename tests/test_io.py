@@ -1,4 +1,5 @@
 import gzip
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -289,3 +290,13 @@ def test_atomic_write_creates_the_folder(tmp_path):
     final = tmp_path / "a" / "b" / "x.json"
     write_json_atomic(final, {"k": [1, 2]})
     assert final.read_text() == '{\n  "k": [\n    1,\n    2\n  ]\n}'
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_write_gives_files_the_mode_the_umask_allows(tmp_path, umask, mode):
+    saved = os.umask(umask)
+    try:
+        write_json_atomic(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(saved)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == mode

@@ -54,12 +54,21 @@ class Volume:
         return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
 
 
+def current_umask() -> int:
+    """The process's umask; reading it means setting it, so it is put back at once."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_write(final: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary sibling of ``final`` to write; it replaces ``final`` only if the block
     completes, and the temporary is removed either way, so a reader (or a killed process) never
     sees a half-written file. The temporary is hidden and keeps ``final``'s suffixes (``.nii.gz``,
     ``.png``), so writers that infer the format from the name still work; the folder is created.
+    The file gets the mode the umask gives a new file, not mkstemp's private 0600, so that
+    collaborators can read caches, volumes and figures as they could any other file.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +78,7 @@ def atomic_write(final: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
