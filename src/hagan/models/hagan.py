@@ -159,14 +159,12 @@ class HAGAN(GenerativeModel):
         ``loss.disc_losses: averaged`` gives one term, the D^H and D^L logits averaged as the authors' code
         does; ``separate`` one term per discriminator, weighted, as the paper's eq. 4-5 write them.
         """
-        logit, cls = self.high_disc(slab, start_normalised)
-        if self.low_disc is None or low is None:
-            return [(logit, cls, 1.0)]
-        low_logit, low_cls = self.low_disc(low)
         loss_cfg = self.config.loss
-        if loss_cfg.disc_losses == "separate":
-            return [(logit, cls, loss_cfg.weight_high), (low_logit, low_cls, loss_cfg.weight_low)]
-        return [((logit + low_logit) / 2, (cls + low_cls) / 2 if cls is not None else None, 1.0)]
+        if loss_cfg.disc_losses != "separate" or self.low_disc is None or low is None:
+            return [(*self.discriminate(slab, low, start_normalised), 1.0)]
+        logit, cls = self.high_disc(slab, start_normalised)
+        low_logit, low_cls = self.low_disc(low)
+        return [(logit, cls, loss_cfg.weight_high), (low_logit, low_cls, loss_cfg.weight_low)]
 
     def discriminate(self, slab: Tensor, low: Tensor | None, start_normalised: Tensor) -> tuple[Tensor, Tensor | None]:
         """One logit per sample: D^H and D^L averaged, as the authors combine them; class logits likewise."""
@@ -192,9 +190,7 @@ class HAGAN(GenerativeModel):
     @property
     def trained_modules(self) -> list[nn.Module]:
         """Every module an optimizer updates (the averaged generator is not one of them)."""
-        modules = [self.common, self.low_gen, self.high_gen, self.high_disc, self.low_disc,
-                   self.slab_encoder, self.global_encoder]
-        return [m for m in modules if m is not None]
+        return list(module_groups(self).values())
 
     def train_only(self, *modules: nn.Module | None) -> None:
         """Let gradients reach ``modules`` alone, so a step's backward pass builds nothing for the rest."""
@@ -278,7 +274,6 @@ class HAGAN(GenerativeModel):
         """WGAN-GP and R1 on each adversarial term's own inputs, in float32 whatever the training precision."""
         loss_cfg = self.config.loss
         total = torch.zeros((), device=self.device)
-        lazy_r1 = loss_cfg.r1_every > 1
         use_r1 = (loss_cfg.r1_gamma > 0 or loss_cfg.r1_per_voxel > 0) and iteration % loss_cfg.r1_every == 0
         for name, critic, inputs, weight, voxels in self.critics(aug_real, aug_fake, step.r):
             reals, fakes = inputs
@@ -290,7 +285,7 @@ class HAGAN(GenerativeModel):
                 gamma = loss_cfg.r1_gamma or loss_cfg.r1_per_voxel * voxels / self.config.optim.batch_size
                 r1 = r1_penalty(critic, reals)
                 # lazy regularisation: applied every r1_every steps, scaled so its average weight is unchanged
-                total = total + weight * gamma / 2 * r1 * (loss_cfg.r1_every if lazy_r1 else 1)
+                total = total + weight * gamma / 2 * r1 * loss_cfg.r1_every
                 self._last_r1[f"loss/D_r1{name}"] = float(r1.detach())
         logs.update(self._last_r1)  # a lazy R1's latest value, so that every logged iteration shows it
         return total

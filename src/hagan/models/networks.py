@@ -47,9 +47,12 @@ def scaled(channels: int, width: float) -> int:
     return max(GROUPS, int(round(channels * width / GROUPS)) * GROUPS)
 
 
-def conv_gn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, padding: int = 1) -> nn.Sequential:
+def conv_gn_relu(
+    cin: int, cout: int, kernel: int = 3, stride: int = 1, padding: int = 1, norm: nn.Module | None = None
+) -> nn.Sequential:
+    """Convolution, GroupNorm (or the ``norm`` given), ReLU: the paper's generator block."""
     return nn.Sequential(
-        nn.Conv3d(cin, cout, kernel, stride, padding), nn.GroupNorm(GROUPS, cout), nn.ReLU(inplace=True)
+        nn.Conv3d(cin, cout, kernel, stride, padding), norm or nn.GroupNorm(GROUPS, cout), nn.ReLU(inplace=True)
     )
 
 
@@ -172,7 +175,7 @@ class HighResGenerator(nn.Module):
         self.halo = 1 if upsample == "nearest" else 2
         self.body = nn.Sequential(
             Upsample(upsample),
-            nn.Sequential(nn.Conv3d(in_channels, c, 3, 1, 1), normalise, nn.ReLU(inplace=True)),
+            conv_gn_relu(in_channels, c, norm=normalise),
             Upsample(upsample),
             nn.Conv3d(c, 1, 3, 1, 1),
             nn.Tanh(),
