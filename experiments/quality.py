@@ -38,6 +38,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from hagan.api import load_run
+from hagan.applications.datasets import load_cache
 from hagan.checkpoint import list_checkpoints
 from hagan.config import build_config, parse_assignment
 from hagan.data import CachedVolumeDataset, split_indices
@@ -78,22 +79,16 @@ def prepare_split(args: argparse.Namespace) -> tuple[Path, Path]:
     return caches["train"][0], caches["val"][0]
 
 
-def load_volumes(cache: Path) -> np.ndarray:
-    dataset = CachedVolumeDataset(cache)
-    return np.stack([dataset[i]["image"][0].numpy() for i in range(len(dataset))])
-
-
 def extract(extractor, volumes: np.ndarray) -> np.ndarray:
     return extractor.extract(torch.from_numpy(volumes)[:, None], batch_size=8).numpy().astype(np.float64)
 
 
-def real_reference(args: argparse.Namespace, extractor) -> dict[str, np.ndarray]:
+def real_reference(args: argparse.Namespace, extractor, train_cache: Path, val_cache: Path) -> dict[str, np.ndarray]:
     """Features (and a few volumes) of the training and validation heads, computed once per --out."""
     path = Path(args.out) / f"real-{args.size}.npz"
     if path.is_file():
         return dict(np.load(path))
-    train_cache, val_cache = prepare_split(args)
-    train_volumes, val_volumes = load_volumes(train_cache), load_volumes(val_cache)
+    train_volumes, val_volumes = load_cache(train_cache).volumes, load_cache(val_cache).volumes
     reference = {
         "train_features": extract(extractor, train_volumes),
         "val_features": extract(extractor, val_volumes),
@@ -167,8 +162,8 @@ def protocol_config(name: str, seed: int, args: argparse.Namespace, cache: Path)
 def cmd_train(args: argparse.Namespace) -> None:
     out = Path(args.out)
     extractor = build_extractor("deepbet", device=args.device)
-    real = real_reference(args, extractor)
-    train_cache, _ = prepare_split(args)
+    train_cache, val_cache = prepare_split(args)
+    real = real_reference(args, extractor, train_cache, val_cache)
     label = args.name or args.config
     run_dir = out / "runs" / f"{label}-seed{args.seed}"
     results_path = run_dir / "results.json"
@@ -200,9 +195,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     """Real heads as if they were samples: k distinct training heads repeated to 64, all of them, and blurred ones."""
     out = Path(args.out)
     extractor = build_extractor("deepbet", device=args.device)
-    real = real_reference(args, extractor)
-    train_cache, _ = prepare_split(args)
-    volumes = load_volumes(train_cache)
+    train_cache, val_cache = prepare_split(args)
+    real = real_reference(args, extractor, train_cache, val_cache)
+    volumes = load_cache(train_cache).volumes
     rng = np.random.default_rng(1)
     rows = {}
     for copies in (*CALIBRATION_COPIES, args.samples):
