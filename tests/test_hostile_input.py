@@ -264,8 +264,9 @@ def test_huge_declared_dimensions_fail_fast(tmp_path, name, make):
 
 
 def test_declared_size_below_the_limit_is_still_checked_against_the_file(tmp_path, monkeypatch):
-    """2000^3 float32 (30 GiB) is under a raised limit, but a 4 KiB file cannot hold it."""
+    """2000^3 float32 (30 GiB) is under raised limits, but a 4 KiB file cannot hold it."""
     monkeypatch.setattr(hio, "MAX_VOXELS", 10**10)
+    monkeypatch.setattr(hio, "MAX_READ_BYTES", 1 << 40)
     (tmp_path / "big.nii").write_bytes(nifti_bytes((2000, 2000, 2000), b"\0" * 4096))
     (tmp_path / "big.nii.gz").write_bytes(gzip.compress(nifti_bytes((2000, 2000, 2000), b"\0" * 4096)))
     (tmp_path / "big.nrrd").write_bytes(sitk_with_sizes(tmp_path, ".nrrd", "2000 2000 2000"))

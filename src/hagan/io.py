@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bz2
 import errno
 import json
 import math
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import nibabel as nib
 import numpy as np
 
-from hagan.errors import HaganError, VolumeError
+from hagan.errors import HaganError, VolumeError, printable
 
 if TYPE_CHECKING:
     import SimpleITK
@@ -35,6 +36,11 @@ NPZ_IMAGE_KEYS = ("image", "volume", "arr_0")
 # The largest volume read_volume accepts (1024^3 voxels, 4 GiB as float32): a header declaring
 # more is refused before anything is allocated. Raise it here for bigger scans.
 MAX_VOXELS = 1024**3
+# The most memory one read may take at its peak (the data as stored plus their float32 copy), worked
+# out from the header before anything is read: 8 GiB fits MAX_VOXELS of float32. The environment
+# variable below (in GiB) overrides it without code.
+MAX_READ_BYTES = 8 << 30
+READ_LIMIT_VARIABLE = "HAGAN_MAX_READ_GIB"
 # Deflate (gzip, zlib, zip) cannot expand data by more than about 1032:1.
 _DEFLATE_MAX_RATIO = 1032
 
@@ -72,8 +78,8 @@ def atomic_write(final: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(final.suffixes)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
+    prefix, suffix = _temporary_affixes(final.name)
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=final.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -82,6 +88,26 @@ def atomic_write(final: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
+_TEMPORARY_SUFFIX_MAX = 16
+
+
+def _temporary_affixes(name: str) -> tuple[str, str]:
+    """mkstemp's prefix and suffix for a hidden sibling of ``name`` that fits in a file name.
+
+    The suffix keeps the format's extensions (``.nii.gz``) for writers that infer the format from
+    the name; the prefix keeps as much of ``name`` as fits beside mkstemp's 8 random characters,
+    so that even a 255-byte name gets a legal temporary name.
+    """
+    extensions = "".join(Path(name).suffixes[-2:])
+    if len(extensions.encode("utf-8", "surrogateescape")) > _TEMPORARY_SUFFIX_MAX:
+        extensions = Path(name).suffix[:_TEMPORARY_SUFFIX_MAX]
+    suffix = f".tmp{extensions}"
+    room = _NAME_MAX - len(suffix.encode("utf-8", "surrogateescape")) - 2 - 8
+    stem = name.encode("utf-8", "surrogateescape")[:room].decode("utf-8", "ignore")
+    return f".{stem}.", suffix
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -121,23 +147,9 @@ def display_path(path: str | bytes | os.PathLike) -> str:
     return printable(os.fsdecode(os.fspath(path)))
 
 
-def printable(text: str) -> str:
-    """``text`` with lone surrogates (undecodable file-name bytes) written as backslash escapes."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        pass
-    try:
-        raw = text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return raw.decode("utf-8", "backslashreplace")
-
-
 def _error(path: str | os.PathLike, reason: str) -> VolumeError:
     """A VolumeError whose message is one printable line."""
-    return VolumeError(display_path(path), " ".join(printable(reason).split()))
+    return VolumeError(display_path(path), reason)
 
 
 def _as_path(path: str | bytes | os.PathLike) -> Path:
@@ -184,7 +196,7 @@ def _read_volume(path: Path) -> Volume:
     if ext in NIFTI_EXTENSIONS:
         array, affine = _read_nifti(path, ext, info.st_size)
     elif ext in SITK_EXTENSIONS:
-        array, affine = _read_sitk_file(path, ext, info.st_size)
+        array, affine = _read_sitk_file(path, ext)
     else:
         array, affine = _read_numpy(path, ext, info.st_size)
     return _as_3d_volume(path, array, affine)
@@ -288,14 +300,16 @@ def _check_declared_size(
     compressed: bool = False,
     what: str = "the file",
     bound: str = "exact",
+    skipped: int = 0,
 ) -> None:
     """Refuse a header whose declared data cannot be right, before anything is allocated.
 
     ``available`` is the number of bytes that hold the data (None when unknown); ``bound`` says
     whether that is "exact", a "lower" bound (inflating stopped early) or an "upper" one (a skip
-    of unknown length comes first). Raw data must fit
-    in it exactly to within less than one slice; compressed data cannot expand by more than
-    deflate's maximum ratio; and no volume may exceed MAX_VOXELS.
+    of unknown length comes first). Raw data must fit in it exactly to within less than one slice;
+    compressed data (with the ``skipped`` bytes before them) cannot expand by more than deflate's
+    maximum ratio; no volume may exceed MAX_VOXELS, and reading it may not cost more than
+    MAX_READ_BYTES.
     """
     voxels = math.prod(int(n) for n in shape)
     nbytes = voxels * itemsize
@@ -305,10 +319,16 @@ def _check_declared_size(
             path, f"header declares {declared} ({voxels:.3g} voxels, {_human(nbytes)}); "
             f"more than the {MAX_VOXELS:.3g}-voxel limit (hagan.io.MAX_VOXELS)",
         )
+    cost, limit = read_cost(shape, itemsize), read_limit()
+    if cost > limit:
+        raise _error(
+            path, f"header declares {declared}; reading it takes about {_human(cost)} of memory (the data and a "
+            f"float32 copy), more than the {_human(limit)} limit (raise it with {READ_LIMIT_VARIABLE})",
+        )
     if available is None:
         return
     if compressed:
-        if nbytes > _DEFLATE_MAX_RATIO * available + 1024:
+        if nbytes + skipped > _DEFLATE_MAX_RATIO * available + 1024:
             raise _error(
                 path, f"header declares {declared} ({_human(nbytes)}) but {what} holds only "
                 f"{_human(available)} of compressed data; dimensions disagree with the data",
@@ -327,9 +347,29 @@ def _check_declared_size(
         )
 
 
+def read_limit() -> int:
+    """MAX_READ_BYTES, or the environment's HAGAN_MAX_READ_GIB when set."""
+    text = os.environ.get(READ_LIMIT_VARIABLE)
+    if text is None:
+        return MAX_READ_BYTES
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = math.nan
+    if not (math.isfinite(gib) and gib > 0):
+        raise HaganError(f"{READ_LIMIT_VARIABLE}={printable(text[:40])!r}: expected a positive number of GiB, e.g. 16")
+    return int(gib * 2**30)
+
+
+def read_cost(shape: tuple[int, ...], itemsize: int) -> int:
+    """Bytes of memory reading a volume takes at its peak: the data as stored and their float32 copy."""
+    voxels = math.prod(int(n) for n in shape)
+    return voxels * itemsize + voxels * 4
+
+
 def _read_nifti(path: Path, ext: str, file_size: int) -> tuple[np.ndarray, np.ndarray]:
     try:
-        image = nib.load(str(path))
+        image = nib.load(str(path), keep_file_open=True)
         shape = tuple(int(n) for n in image.shape)
         dtype = np.dtype(image.header.get_data_dtype())
         offset = int(getattr(image.dataobj, "offset", image.header.get_data_offset()))
@@ -340,28 +380,25 @@ def _read_nifti(path: Path, ext: str, file_size: int) -> tuple[np.ndarray, np.nd
     _check_dims(path, shape)
     compressed = ext == ".nii.gz"  # the offset counts uncompressed bytes: bound by the whole file
     available = file_size if compressed else max(file_size - offset, 0)
-    _check_declared_size(path, shape, dtype.itemsize, str(dtype), available, compressed=compressed)
+    _check_declared_size(
+        path, shape, dtype.itemsize, str(dtype), available, compressed=compressed, skipped=offset if compressed else 0
+    )
     if compressed:
-        # Decompress once, bounded and checksummed: nibabel alone stops reading where the data ends,
-        # so a stream cut in its trailer or carrying more data than the header declares goes unseen.
+        # Inflate the whole stream once, keeping nothing: nibabel alone stops reading where the data
+        # end, so a stream cut in its trailer or carrying more data than the header declares goes unseen.
         slice_bytes = math.prod(shape[:2]) * dtype.itemsize
         limit = offset + math.prod(shape) * dtype.itemsize + slice_bytes
-        raw, complete = _gunzip_bounded(path, limit)
-        bounded = len(raw) > limit
+        length, complete = _inflated_length(path, path, 0, limit, wbits=31)
+        bounded = length > limit
         what = "the decompressed file" if complete or bounded else "the gzip stream (cut short)"
-        available = max(len(raw) - offset, 0)
         _check_declared_size(
-            path, shape, dtype.itemsize, str(dtype), available, what=what, bound="lower" if bounded else "exact"
+            path, shape, dtype.itemsize, str(dtype), max(length - offset, 0), what=what,
+            bound="lower" if bounded else "exact",
         )
         if not complete:
             raise _error(path, "truncated gzip stream (its end marker and checksum are missing)")
-        try:
-            image = type(image).from_bytes(raw)
-        except Exception as exc:
-            raise _error(path, f"not a readable NIfTI file ({_short(exc, path)})") from exc
     try:
-        with np.errstate(over="ignore", invalid="ignore"):  # huge scl_slope: inf voxels, handled later
-            array = image.get_fdata(dtype=np.float32)
+        array = _nifti_as_float32(image, shape, dtype.itemsize)
     except Exception as exc:
         raise _error(path, f"truncated or corrupt NIfTI data ({_short(exc, path)})") from exc
     try:
@@ -371,31 +408,80 @@ def _read_nifti(path: Path, ext: str, file_size: int) -> tuple[np.ndarray, np.nd
     return array, affine
 
 
-def _gunzip_bounded(path: Path, limit: int) -> tuple[bytes, bool]:
-    """Up to ``limit`` + 1 decompressed bytes of a (possibly multi-member) gzip file, and whether
-    the stream ended properly (end marker, CRC and length verified) within that bound.
+_CHUNK = 1 << 20
 
-    Never inflates more than ``limit`` + 1 bytes, whatever the file claims: no gzip bomb.
+
+def _nifti_as_float32(image: nib.Nifti1Image, shape: tuple[int, ...], itemsize: int) -> np.ndarray:
+    """The voxels as float32, read a slab at a time so that the stored data and the float64 of
+    nibabel's scaling are never held whole beside the result: the peak is one float32 volume."""
+    array = np.empty(shape, dtype=np.float32)
+    step = max(1, _CHUNK * 16 // max(math.prod(shape[:2]) * itemsize, 1))
+    with np.errstate(over="ignore", invalid="ignore"):  # huge scl_slope: inf voxels, handled later
+        for start in range(0, shape[2], step):
+            array[:, :, start:start + step] = image.dataobj[:, :, start:start + step]
+    return array
+
+
+
+def _inflated_length(path: Path, source: Path, start: int, limit: int, wbits: int) -> tuple[int, bool]:
+    """How many bytes the compressed stream of ``source`` from byte ``start`` inflates to (counting
+    stops past ``limit``), and whether it ended properly (end marker, length and checksum verified).
+
+    Inflates one chunk at a time and keeps none of it, so a bomb, a huge NIfTI ``vox_offset`` or a
+    lying header costs time bounded by deflate's ratio but never memory. ``wbits`` 31 reads gzip
+    (several members allowed, then zero padding), 47 gzip or zlib (see zlib.decompressobj).
     """
-    return _inflate_bounded(path, path.read_bytes(), limit, wbits=31)
-
-
-def _inflate_bounded(path: Path, data: bytes, limit: int, wbits: int) -> tuple[bytes, bool]:
-    """_gunzip_bounded on bytes; ``wbits`` 31 for gzip, 47 for gzip or zlib (see zlib.decompressobj)."""
-    out = bytearray()
-    while True:
+    total = 0
+    with open(source, "rb") as f:
+        f.seek(start)
         inflater = zlib.decompressobj(wbits=wbits)
-        try:
-            out += inflater.decompress(data, limit + 1 - len(out))
-        except zlib.error as exc:
-            raise _error(path, f"corrupt compressed data (zlib: {exc})") from exc
-        if len(out) > limit or not inflater.eof:
-            return bytes(out), inflater.eof and not inflater.unused_data.strip(b"\0")
-        data = inflater.unused_data
-        if not data.strip(b"\0"):  # zero padding after the last member is harmless
-            return bytes(out), True
-        if not data.startswith(b"\x1f\x8b"):
-            raise _error(path, f"{len(data)} bytes of trailing garbage after the gzip data")
+        data = b""
+        while total <= limit:
+            if not data:
+                data = f.read(_CHUNK)
+                if not data:
+                    return total, False
+            try:
+                total += len(inflater.decompress(data, _CHUNK))
+            except zlib.error as exc:
+                raise _error(path, f"corrupt compressed data (zlib: {exc})") from exc
+            data = inflater.unconsumed_tail
+            if not inflater.eof:
+                continue
+            data = inflater.unused_data
+            while not data.strip(b"\0"):  # zero padding after the last member is harmless
+                data = f.read(_CHUNK)
+                if not data:
+                    return total, True
+            if len(data) < 2:
+                data += f.read(1)
+            if not data.startswith(b"\x1f\x8b"):
+                trailing = os.fstat(f.fileno()).st_size - f.tell() + len(data)
+                raise _error(path, f"{trailing} bytes of trailing garbage after the compressed data")
+            inflater = zlib.decompressobj(wbits=wbits)
+    return total, False
+
+
+def _bunzipped_length(path: Path, source: Path, start: int, limit: int) -> tuple[int, bool]:
+    """_inflated_length for bzip2 streams, whose ratio has no useful bound: never keeps the data."""
+    total = 0
+    with open(source, "rb") as f:
+        f.seek(start)
+        unpacker = bz2.BZ2Decompressor()
+        data = b""
+        while total <= limit:
+            if not data:
+                data = f.read(_CHUNK)
+                if not data:
+                    return total, False
+            try:
+                total += len(unpacker.decompress(data, _CHUNK))
+            except (OSError, ValueError, EOFError) as exc:
+                raise _error(path, f"corrupt bzip2 data ({exc})") from exc
+            data = b""
+            if unpacker.eof:
+                return total, True
+    return total, False
 
 
 _SITK_IO = {".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO", ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}
@@ -410,8 +496,9 @@ def _simpleitk():
     return SimpleITK
 
 
-def _read_sitk_file(path: Path, ext: str, file_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _read_sitk_file(path: Path, ext: str) -> tuple[np.ndarray, np.ndarray]:
     kind = _SITK_KIND[ext]
+    header = _text_header(path, ext)  # refuses data files outside the header's folder before ITK opens any
     sitk = _simpleitk()
     with _sitk_file_name(path, ext) as name, _quiet_native_stderr():
         reader = sitk.ImageFileReader()
@@ -428,9 +515,8 @@ def _read_sitk_file(path: Path, ext: str, file_size: int) -> tuple[np.ndarray, n
         if components != 1:
             raise _error(path, f"{components} values per voxel (colour or vector image); need a scalar volume")
         _check_dims(path, size)
-        _check_declared_size(path, size, itemsize, pixel, None)  # the voxel limit, before inflating
-        limit = math.prod(size) * itemsize + math.prod(size[:2]) * itemsize if len(size) >= 2 else 0
-        available, bound, what = _attached_data(path, ext, file_size, limit)
+        _check_declared_size(path, size, itemsize, pixel, None)  # the voxel and memory limits, before inflating
+        available, bound, what = _data_size(path, header, size, itemsize)
         _check_declared_size(path, size, itemsize, pixel, available, what=what, bound=bound)
         try:
             image = reader.Execute()
@@ -461,86 +547,208 @@ def _sitk_itemsize(pixel_id: int) -> int:
     return sizes.get(pixel_id, 1)
 
 
-def _text_header(path: Path, limit: int = 1 << 16) -> tuple[list[tuple[str, str]], int]:
-    """(key, value) pairs of a NRRD or MetaImage text header and the byte offset where data starts."""
+_HEADER_MAX = 1 << 20
+_MAX_DATA_FILES = 1 << 16
+
+
+@dataclass
+class _TextHeader:
+    """What a NRRD or MetaImage text header says about where its voxel data are and how they are stored."""
+
+    encoding: str  # "raw", "gzip", "bzip2", "text", "hex" or one we cannot measure
+    data_start: int  # where the data start in the header's own file
+    data_files: list[Path] | None  # the detached data files, inside the header's folder; None: attached
+    skip: int  # bytes skipped before the data of each file (-1: up to the data at the file's end)
+    unknown_skip: bool  # a line skip, whose length in bytes the header does not say
+
+
+def _text_header(path: Path, ext: str) -> _TextHeader:
+    """Parse a NRRD or MetaImage header ourselves, before ITK sees it.
+
+    A detached header names its data files (NRRD ``data file``, MetaImage ``ElementDataFile``: one
+    name, a LIST of names or a printf pattern). Every one of them must resolve, after symbolic
+    links, inside the folder of the header that names it, or a header could make ``hagan preprocess``
+    read and cache any file the user can read (``../../etc/shadow``).
+    """
     with open(path, "rb") as f:
-        head = f.read(limit)
-    pairs: list[tuple[str, str]] = []
-    position = 0
-    nrrd = head.startswith(b"NRRD")
+        head = f.read(_HEADER_MAX + 1)
+    nrrd = ext in (".nrrd", ".nhdr")
+    lines, position, ended = [], 0, False
     while position < len(head):
         end = head.find(b"\n", position)
         if end < 0:
-            return pairs, len(head)
-        line = head[position:end].decode("latin-1").strip()
+            lines.append(head[position:].decode("latin-1").rstrip("\r"))
+            position = len(head)
+            break
+        line = head[position:end].decode("latin-1").rstrip("\r")
         position = end + 1
-        if nrrd and not line:
+        if nrrd and not line.strip():
+            ended = True
             break
-        if nrrd and (line.startswith("#") or line.startswith("NRRD")):
+        lines.append(line)
+        if not nrrd and line.partition("=")[0].strip().lower() == "elementdatafile":
+            ended = True
+            if line.partition("=")[2].split()[:1] == ["LIST"]:
+                lines += head[position:].decode("latin-1").splitlines()
+            break
+    if not ended and len(head) > _HEADER_MAX:
+        raise _error(path, f"header longer than {_human(_HEADER_MAX)} (no end found)")
+    fields: dict[str, str] = {}
+    names: list[str] = []
+    detached: str | None = None
+    for i, line in enumerate(lines):
+        if nrrd and (line.startswith("#") or line.startswith("NRRD") or not line.strip()):
             continue
-        key, sep, value = line.partition(":" if nrrd else "=")
-        if nrrd and not sep:
-            key, sep, value = line.partition(":=")
-        pairs.append((key.strip().lower(), value.strip()))
-        if not nrrd and key.strip().lower() == "elementdatafile":
-            break
-    return pairs, position
-
-
-def _attached_data(path: Path, ext: str, file_size: int, limit: int) -> tuple[int | None, str, str]:
-    """How many bytes hold the voxel data, how to compare them with the header, and where they are.
-
-    The middle value is "exact" (raw data), "lower" (inflating stopped at ``limit`` + 1 bytes: the
-    data hold at least that much) or "upper" (a header or byte skip of unknown length precedes the
-    data). None when the encoding or layout gives no useful figure (text, bzip2, file lists).
-    Compressed data are inflated, never beyond ``limit`` + 1 bytes, to measure them exactly: ITK
-    does not always notice a stream shorter than the header says (a compressed MetaImage comes
-    back silently part-filled).
-    """
-    pairs, data_start = _text_header(path)
-    fields = dict(pairs)
-    if ext in (".nrrd", ".nhdr"):
+        if nrrd and ":=" in line and (": " not in line or line.index(":=") < line.index(": ")):
+            continue  # a key/value pair, not a field
+        key, _, value = line.partition(":" if nrrd else "=")
+        key, value = key.strip().lower(), value.strip()
+        if key in ("data file", "datafile", "elementdatafile"):
+            if detached is not None:
+                raise _error(path, "header names its data file twice")
+            detached = value
+            if value.split()[:1] == ["LIST"]:
+                names = [name.strip() for name in lines[i + 1:] if name.strip()]
+                break
+        else:
+            fields[key] = value
+    if nrrd:
         encoding = fields.get("encoding", "raw").lower()
-        detached = fields.get("data file") or fields.get("datafile")
-        if detached is None and ext == ".nhdr":
-            return None, "exact", "the file"
-        skip = fields.get("byte skip") or fields.get("byteskip") or "0"
+        skip_text = fields.get("byte skip") or fields.get("byteskip") or "0"
         unknown_skip = "line skip" in fields or "lineskip" in fields
     else:
         encoding = "gzip" if fields.get("compresseddata", "false").lower() == "true" else "raw"
-        detached = fields.get("elementdatafile", "LOCAL")
-        detached = None if detached.upper() == "LOCAL" else detached
-        skip = fields.get("headersize", "0")
+        skip_text = fields.get("headersize", "0")
         unknown_skip = False
-    if encoding not in ("raw", "gzip", "gz"):
-        return None, "exact", "the file"
+        if detached is not None and detached.upper() == "LOCAL":
+            detached = None
+    encoding = {"gz": "gzip", "bz2": "bzip2", "txt": "text", "ascii": "text"}.get(encoding, encoding)
     try:
-        skip_bytes = int(skip)
+        skip = int(skip_text)
     except ValueError:
-        return None, "exact", "the file"
-    unknown_skip = unknown_skip or skip_bytes < 0
-    if detached is None:
-        source, offset, what = path, data_start, "the file"
+        raise _error(path, f"header's byte skip {printable(skip_text[:40])!r} is not a whole number") from None
+    data_files = None
+    if detached is not None:
+        if not names:
+            names = _pattern_names(path, detached) or [detached]
+        if len(names) > _MAX_DATA_FILES:
+            raise _error(path, f"header names {len(names)} data files; at most {_MAX_DATA_FILES} are read")
+        data_files = [_data_file_inside(path, name) for name in names]
+    return _TextHeader(encoding, position, data_files, skip, unknown_skip or skip < -1)
+
+
+def _pattern_names(path: Path, value: str) -> list[str] | None:
+    """The names a printf-style data file pattern (``slice%03d.raw 1 40 1``) expands to, or None
+    when ``value`` is a plain name."""
+    parts = value.split()
+    if len(parts) not in (4, 5) or "%" not in parts[0]:
+        return None
+    try:
+        first, last, step = (int(n) for n in parts[1:4])
+    except ValueError:
+        return None
+    if step == 0 or (last - first) * step < 0:
+        raise _error(path, f"data file pattern {printable(value[:80])!r} has a step that never reaches its end")
+    count = (last - first) // step + 1
+    if count > _MAX_DATA_FILES:
+        raise _error(path, f"data file pattern names {count} files; at most {_MAX_DATA_FILES} are read")
+    try:
+        return [parts[0] % i for i in range(first, last + (1 if step > 0 else -1), step)]
+    except (TypeError, ValueError) as exc:
+        raise _error(path, f"data file pattern {printable(parts[0][:80])!r} is not a number format ({exc})") from None
+
+
+def _data_file_inside(path: Path, name: str) -> Path:
+    """The data file ``name`` that the header ``path`` names, refused unless it resolves (after
+    symbolic links) inside the header's own folder."""
+    shown = printable(name if len(name) <= 120 else name[:117] + "...")
+    if not name or "\0" in name:
+        raise _error(path, f"header names an invalid data file {shown!r}")
+    folder = os.path.realpath(path.parent)
+    target = os.path.realpath(os.path.join(path.parent, name))
+    if os.path.commonpath([folder, target]) != folder:
+        raise _error(
+            path, f"its data file {shown!r} lies outside the header's folder; refusing to read it "
+            "(put the data file beside its header)",
+        )
+    return Path(target)
+
+
+def _data_size(path: Path, header: _TextHeader, shape: tuple[int, ...], itemsize: int) -> tuple[int | None, str, str]:
+    """How many bytes hold the voxel data, how to compare them with the header, and where they are.
+
+    The middle value is "exact", "lower" (measuring stopped past what the header declares plus one
+    slice: the data hold at least that much) or "upper" (a skip of unknown length precedes the data).
+    Compressed data are inflated, never kept, to measure them: ITK does not always notice a stream
+    shorter than its header says (a compressed MetaImage comes back silently part-filled). Text data
+    count as ``itemsize`` bytes per number, hex data as one byte per two digits. None when the
+    encoding gives no useful figure.
+    """
+    limit = (math.prod(shape) + math.prod(shape[:2])) * itemsize
+    if header.data_files is None:
+        sources, what = [(path, header.data_start)], "the file"
     else:
-        if len(detached.split()) != 1 or detached.upper() == "LIST" or "%" in detached:
-            return None, "exact", "the file"
-        source, offset, what = path.parent / detached, 0, f"its data file {detached!r}"
-        try:
-            info = os.stat(source)
-        except OSError as exc:
-            raise _error(path, f"its data file {detached!r} cannot be read ({exc.strerror})") from exc
-        if not stat.S_ISREG(info.st_mode):
-            raise _error(path, f"its data file {detached!r} is not a regular file ({_file_kind(info.st_mode)})")
-        file_size = info.st_size
-    if encoding == "raw":
-        available = max(file_size - offset - max(skip_bytes, 0), 0)
-        return available, "upper" if unknown_skip else "exact", what
+        sources = [(source, 0) for source in header.data_files]
+        what = f"its data file {printable(sources[0][0].name)!r}" if len(sources) == 1 else f"its {len(sources)} data files"
+        for source, _ in sources:
+            try:
+                info = os.stat(source)
+            except OSError as exc:
+                raise _error(path, f"its data file {printable(source.name)!r} cannot be read ({exc.strerror})") from exc
+            if not stat.S_ISREG(info.st_mode):
+                raise _error(path, f"its data file {printable(source.name)!r} is not a regular file ({_file_kind(info.st_mode)})")
+    skip = max(header.skip, 0)
+    bound = "upper" if header.unknown_skip or header.skip == -1 else "exact"
+    if header.encoding == "raw":
+        total = sum(max(os.stat(source).st_size - start - skip, 0) for source, start in sources)
+        return total, bound, what
+    if header.encoding not in ("gzip", "bzip2", "text", "hex"):
+        return None, "exact", what
+    detail = {"gzip": "inflated", "bzip2": "inflated", "text": "as text", "hex": "as hex"}[header.encoding]
+    total = 0
+    for source, start in sources:
+        left = limit - total
+        if header.encoding == "gzip":
+            length = _inflated_length(path, source, start, left, wbits=47)[0] - skip
+        elif header.encoding == "bzip2":
+            length = _bunzipped_length(path, source, start, left)[0] - skip
+        elif header.encoding == "text":
+            length = _count_bytes(source, start, left // itemsize + 1, _number_starts) * itemsize
+        else:
+            length = _count_bytes(source, start, 2 * left + 2, _hex_digits) // 2
+        total += max(length, 0)
+        if total > limit:
+            return total, "lower", f"{what} ({detail})"
+    return total, bound, f"{what} ({detail})"
+
+
+def _number_starts(chunk: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """Where a number starts in text data: a character after white space or a comma."""
+    separator = _SEPARATORS[chunk]
+    return ~separator & np.concatenate((_SEPARATORS[previous] if previous.size else [True], separator[:-1]))
+
+
+def _hex_digits(chunk: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    return _HEX[chunk]
+
+
+_SEPARATORS = np.zeros(256, dtype=bool)
+_SEPARATORS[list(b" \t\n\r\v\f,")] = True
+_HEX = np.zeros(256, dtype=bool)
+_HEX[list(b"0123456789abcdefABCDEF")] = True
+
+
+def _count_bytes(source: Path, start: int, limit: int, selects) -> int:
+    """How many bytes of ``source`` from ``start`` ``selects`` picks (counting stops past ``limit``),
+    one chunk in memory at a time."""
+    count, previous = 0, np.empty(0, dtype=np.uint8)
     with open(source, "rb") as f:
-        f.seek(offset)
-        inflated, _ = _inflate_bounded(path, f.read(), limit, wbits=47)
-    if len(inflated) > limit:
-        return len(inflated), "lower", f"{what} (inflated)"
-    return len(inflated), "upper" if unknown_skip else "exact", f"{what} (inflated)"
+        f.seek(start)
+        while count <= limit and (chunk := f.read(_CHUNK)):
+            codes = np.frombuffer(chunk, dtype=np.uint8)
+            count += int(selects(codes, previous).sum())
+            previous = codes[-1:]
+    return count
 
 
 def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -589,15 +797,24 @@ def _check_dicom_slices(folder: Path, files: list[str], originals: dict[str, str
         except Exception as exc:
             raise _error(folder, f"unreadable DICOM slice {name(file)} ({_short(exc, folder)})") from exc
         size = reader.GetSize()
+        itemsize = _sitk_itemsize(reader.GetPixelID())
+        shortfall = _pixel_data_mismatch(file)
+        if shortfall is not None:
+            declared, stored = shortfall
+            state = "truncated: " if stored < declared else ""
+            raise _error(
+                folder, f"{state}slice {name(file)} declares {'x'.join(str(n) for n in size)} voxels "
+                f"({_human(declared)}) but its pixel data hold {_human(stored)}"
+                f"{'' if state else '; dimensions disagree with the data'}",
+            )
         direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(len(size), len(size))
         origins.append(np.asarray(reader.GetOrigin(), dtype=np.float64)[:3])
         shapes.append(tuple(size[:2]))
         normals.append(direction[:3, 2] if direction.shape[0] >= 3 else np.array([0.0, 0.0, 1.0]))
         if len(size) > 2 and size[2] > 1 and len(files) > 1:
             raise _error(folder, f"multi-frame file {name(file)} mixed with other slices in one series")
-    check_voxels = math.prod(shapes[0]) * len(files) if shapes else 0
-    if check_voxels > MAX_VOXELS:
-        raise _error(folder, f"series of {len(files)} slices of {shapes[0]} is over the {MAX_VOXELS:.3g}-voxel limit")
+    if shapes:
+        _check_declared_size(folder, (*shapes[0], len(files)), itemsize, f"{8 * itemsize}-bit", None)
     if len(files) < 2:
         return
     for file, shape in zip(files, shapes):
@@ -632,6 +849,31 @@ def _check_dicom_slices(folder: Path, files: list[str], originals: dict[str, str
             f"{name(files[i + 1])}, {typical:.4g} mm elsewhere ({irregular.size} irregular of "
             f"{gaps.size} gaps); missing slices?",
         )
+
+
+def _pixel_data_mismatch(file: str) -> tuple[int, int] | None:
+    """(declared, stored) bytes of an uncompressed DICOM slice whose pixel data are not the size its
+    Rows, Columns, frames, samples and bits say; None when they agree or cannot be compared.
+
+    GDCM reads such a slice without an error: a 4096 x 4096 claim over a few bytes comes back as a
+    huge image of zeros. The pixel data's length is read with pydicom (the ``dicom`` extra) without
+    loading the data; compressed (encapsulated) data have no fixed length and are not compared.
+    """
+    try:
+        import pydicom
+
+        dataset = pydicom.dcmread(file, defer_size=1024, force=True)
+        element = dataset.get_item(0x7FE00010)
+        if element is None or element.length == 0xFFFFFFFF:
+            return None
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+        bits = int(dataset.BitsAllocated)
+        pixels = int(dataset.Rows) * int(dataset.Columns) * frames * int(dataset.get("SamplesPerPixel", 1) or 1)
+    except Exception:  # no pydicom, or a header only GDCM understands: GDCM's own checks apply
+        return None
+    declared = (pixels * bits + 7) // 8
+    stored = int(element.length)
+    return None if declared <= stored <= declared + 1 else (declared, stored)  # one byte pads to even length
 
 
 def _utf8_ok(text: str) -> bool:
