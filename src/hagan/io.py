@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bz2
 import errno
 import json
 import math
@@ -267,11 +266,12 @@ def _short(exc: BaseException, path: Path, *aliases: str) -> str:
     The error already starts with the path, so the library's copy of it (or of a temporary alias
     of it) is shortened to the name.
     """
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = str(exc)
+    for long in (str(path), *aliases):
+        text = text.replace(long, printable(path.name))
+    lines = [line.strip() for line in text.strip().split("\n") if line.strip()]
     # ITK's messages open with its source location and close with the specific cause
     text = (lines[-1] if lines[0].startswith("Exception thrown in SimpleITK") else " ".join(lines)) if lines else ""
-    for long in (str(path), *aliases):
-        text = text.replace(long, path.name)
     text = printable(text)
     if len(text) > 160:
         text = text[:157] + "..."
@@ -462,28 +462,6 @@ def _inflated_length(path: Path, source: Path, start: int, limit: int, wbits: in
     return total, False
 
 
-def _bunzipped_length(path: Path, source: Path, start: int, limit: int) -> tuple[int, bool]:
-    """_inflated_length for bzip2 streams, whose ratio has no useful bound: never keeps the data."""
-    total = 0
-    with open(source, "rb") as f:
-        f.seek(start)
-        unpacker = bz2.BZ2Decompressor()
-        data = b""
-        while total <= limit:
-            if not data:
-                data = f.read(_CHUNK)
-                if not data:
-                    return total, False
-            try:
-                total += len(unpacker.decompress(data, _CHUNK))
-            except (OSError, ValueError, EOFError) as exc:
-                raise _error(path, f"corrupt bzip2 data ({exc})") from exc
-            data = b""
-            if unpacker.eof:
-                return total, True
-    return total, False
-
-
 _SITK_IO = {".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO", ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}
 _SITK_KIND = {".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage", ".mhd": "MetaImage"}
 
@@ -555,7 +533,7 @@ _MAX_DATA_FILES = 1 << 16
 class _TextHeader:
     """What a NRRD or MetaImage text header says about where its voxel data are and how they are stored."""
 
-    encoding: str  # "raw", "gzip", "bzip2", "text", "hex" or one we cannot measure
+    encoding: str  # "raw", "gzip", "text", "hex" or one we cannot measure
     data_start: int  # where the data start in the header's own file
     data_files: list[Path] | None  # the detached data files, inside the header's folder; None: attached
     skip: int  # bytes skipped before the data of each file (-1: up to the data at the file's end)
@@ -623,6 +601,8 @@ def _text_header(path: Path, ext: str) -> _TextHeader:
         if detached is not None and detached.upper() == "LOCAL":
             detached = None
     encoding = {"gz": "gzip", "bz2": "bzip2", "txt": "text", "ascii": "text"}.get(encoding, encoding)
+    if encoding == "bzip2":
+        raise _error(path, "bzip2-encoded NRRD data cannot be read (ITK's NRRD reader lacks bzip2); save it raw or gzip")
     try:
         skip = int(skip_text)
     except ValueError:
@@ -702,16 +682,14 @@ def _data_size(path: Path, header: _TextHeader, shape: tuple[int, ...], itemsize
     if header.encoding == "raw":
         total = sum(max(os.stat(source).st_size - start - skip, 0) for source, start in sources)
         return total, bound, what
-    if header.encoding not in ("gzip", "bzip2", "text", "hex"):
+    if header.encoding not in ("gzip", "text", "hex"):
         return None, "exact", what
-    detail = {"gzip": "inflated", "bzip2": "inflated", "text": "as text", "hex": "as hex"}[header.encoding]
+    detail = {"gzip": "inflated", "text": "as text", "hex": "as hex"}[header.encoding]
     total = 0
     for source, start in sources:
         left = limit - total
         if header.encoding == "gzip":
             length = _inflated_length(path, source, start, left, wbits=47)[0] - skip
-        elif header.encoding == "bzip2":
-            length = _bunzipped_length(path, source, start, left)[0] - skip
         elif header.encoding == "text":
             length = _count_bytes(source, start, left // itemsize + 1, _number_starts) * itemsize
         else:

@@ -42,29 +42,50 @@ _BLANK_TOLERANCE = 1e-6
 
 def canonicalise(volume: Volume) -> Volume:
     """Reorient to the model's ('S','A','R') axes so every cube has the same anatomy layout."""
+    array, affine = _canonical_view(volume)
+    return Volume(np.ascontiguousarray(array), affine)
+
+
+def _canonical_view(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """canonicalise's axes as a view of ``volume``'s voxels (flips and transposes copy nothing)."""
     current = nio.io_orientation(volume.affine)
     transform = nio.ornt_transform(current, nio.axcodes2ornt(CANONICAL_AXCODES))
     array = nio.apply_orientation(volume.array, transform)
-    affine = volume.affine @ nio.inv_ornt_aff(transform, volume.array.shape)
-    return Volume(np.ascontiguousarray(array), affine)
+    return array, volume.affine @ nio.inv_ornt_aff(transform, volume.array.shape)
 
 
 def ct_recipe(array: np.ndarray) -> np.ndarray:
     """HU window [-1024, 600] to [-1, 1]; missing (non-finite) voxels count as air."""
-    array = np.where(np.isfinite(array), array, CT_WINDOW_HU[0])
-    return np.interp(array, CT_WINDOW_HU, (-1.0, 1.0)).astype(np.float32)
+    return _window_in_place(_finite_copy(array, CT_WINDOW_HU[0]), *CT_WINDOW_HU)
 
 
 def mri_recipe(array: np.ndarray) -> np.ndarray:
     """[min, p99.9] to [-1, 1]: MRI has no absolute scale, and a few hot voxels must not squash the rest."""
-    array = np.where(np.isfinite(array), array, 0.0).astype(np.float32)
-    low = float(array.min())
-    high = float(np.percentile(array, MRI_PERCENTILE))
+    out = _finite_copy(array, 0.0)
+    low = float(out.min())
+    high = float(np.percentile(out, MRI_PERCENTILE))
     if high <= low:
-        high = float(array.max())
+        high = float(out.max())
     if high <= low:
         return np.full(array.shape, BACKGROUND, dtype=np.float32)
-    return np.interp(array, (low, high), (-1.0, 1.0)).astype(np.float32)
+    return _window_in_place(out, low, high)
+
+
+def _finite_copy(array: np.ndarray, missing: float) -> np.ndarray:
+    """One float32 copy with non-finite voxels set to ``missing``: the recipes then work in place, so a
+    large volume costs one more volume rather than four (float64 temporaries included)."""
+    out = np.array(array, dtype=np.float32)
+    out[~np.isfinite(out)] = missing
+    return out
+
+
+def _window_in_place(out: np.ndarray, low: float, high: float) -> np.ndarray:
+    """[low, high] mapped linearly to [-1, 1], clipped outside, overwriting ``out``."""
+    np.clip(out, low, high, out=out)
+    out -= np.float32(low)
+    out *= np.float32(2.0 / (high - low))
+    out -= np.float32(1.0)
+    return np.clip(out, -1.0, 1.0, out=out)
 
 
 RECIPES: dict[str, Callable[[np.ndarray], np.ndarray]] = {"ct": ct_recipe, "mri": mri_recipe}
@@ -161,8 +182,7 @@ def _check_raw(source: str, array: np.ndarray) -> None:
     finite = np.isfinite(array)
     if not finite.any():
         raise VolumeError(source, "no finite voxel values (all NaN or infinite)")
-    values = array[finite]
-    if values.min() == values.max():
+    if array.min(where=finite, initial=np.inf) == array.max(where=finite, initial=-np.inf):
         raise VolumeError(source, "constant intensity; nothing to learn")
 
 
@@ -173,14 +193,13 @@ def _preprocess(
     if mode not in FIT_MODES:
         raise HaganError(f"unknown mode {mode!r}; valid modes: {', '.join(FIT_MODES)}")
     _check_raw(source, volume.array)
-    canonical = canonicalise(volume)
-    array = apply_recipe(canonical.array, recipe)
+    canonical, affine = _canonical_view(volume)
+    array = apply_recipe(canonical, recipe)  # the recipe's copy is the only one
     if array.min() == array.max():
         raise VolumeError(source, f"constant after the {recipe} recipe (all intensities outside its range)")
     kept = int(nonblank_slices(array).sum())
     if kept < 2:
         raise VolumeError(source, f"{kept} non-blank axial slice(s); need at least 2")
-    affine = canonical.affine
     trimmed = 0
     if trim:
         before = array.shape[0]
