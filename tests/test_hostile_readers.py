@@ -360,7 +360,9 @@ def test_temporary_names_fit_beside_any_legal_name(tmp_path, name):
 def test_long_names_are_cached_with_the_good_files(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    for name in ("x" * 248 + ".nii.gz", "short.nii.gz"):
-        nib.save(nib.Nifti1Image(head_phantom(), lps_affine()), data / name)
+    names = ("x" * 248 + ".nii.gz", "x" * 248 + ".nii", "x" * 251 + ".npy", "short.nii.gz")
+    for name in names:
+        write_volume(data / name, head_phantom(), lps_affine()) if ".nii" in name else np.save(data / name, head_phantom())
     report = preprocess_folder(data, tmp_path / "cache", recipe="mri", size=8, progress=False)
-    assert len(report.entries) == 2 and not report.bad
+    assert len(report.entries) == 4 and not report.bad
+    assert sorted(len(e.name) for e in report.entries) == [5, 200, 202, 202]

@@ -397,7 +397,9 @@ def _lookup_label(labels: dict[str, int], path: Path) -> int | None:
 
 
 def _unique_name(path: Path, taken: set[str]) -> str:
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", volume_stem(path)).strip("._") or "volume"
+    """A cache name from the file's stem: plain characters, and short enough that a counter and
+    ``.npy`` still fit in a 255-byte file name."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", volume_stem(path))[:200].strip("._") or "volume"
     name, counter = base, 2
     while name in taken:
         name, counter = f"{base}-{counter}", counter + 1
