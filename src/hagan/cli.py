@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 from . import __version__
 from .config import MODEL_PRESETS, PRESETS, build_config, parse_assignment
 from .errors import HaganError, VolumeError
+from .io import display_path, printable
 from .models import MODELS
 
 
@@ -412,6 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def os_error_message(err: OSError) -> str:
+    """``path: reason`` (``path -> other: reason`` for a rename) in one printable line; just the
+    reason when the operating system named no file (a write to an open file that fills the disk)."""
+    reason = " ".join(printable(str(err.strerror or err)).split())
+    names = [display_path(name) for name in (err.filename, err.filename2) if isinstance(name, (str, bytes, os.PathLike))]
+    return f"{' -> '.join(names)}: {reason}" if names else reason
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -420,6 +430,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"hagan {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if args.debug:
+            raise
+        print(f"hagan {args.command}: error: {os_error_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"hagan {args.command}: interrupted", file=sys.stderr)
