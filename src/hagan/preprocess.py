@@ -342,20 +342,36 @@ def _label_keys(name: str) -> list[str]:
     return keys
 
 
-def _read_labels(csv_path: Path, label_column: str) -> dict[str, int]:
-    """Map of match keys to integer labels; blank cells are left out (reported as missing later)."""
+@dataclass(frozen=True)
+class LabelRow:
+    """One labelled row of a labels CSV; ``line`` is its line number (the header is line 1)."""
+
+    line: int
+    name: str
+    label: int
+
+
+def _read_labels(csv_path: Path, label_column: str) -> list[LabelRow]:
+    """The labelled rows; blank cells are left out (reported as missing later).
+
+    Two rows whose names match the same files (equal once normalised) with different labels are
+    an error: which one is right cannot be guessed. The same label twice is accepted, since
+    concatenated or joined tables often repeat a row and the result is unambiguous.
+    """
+    where = display_path(csv_path)
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise HaganError(f"{csv_path}: cannot read labels CSV ({exc})") from exc
+        raise HaganError(f"{where}: cannot read labels CSV ({exc})") from exc
     columns = list(rows[0].keys()) if rows else []
     if not columns:
-        raise HaganError(f"{csv_path}: labels CSV is empty")
+        raise HaganError(f"{where}: labels CSV is empty")
     if label_column not in columns:
-        raise HaganError(f"{csv_path}: no column {label_column!r}; columns: {', '.join(columns)}")
+        raise HaganError(f"{where}: no column {label_column!r}; columns: {', '.join(columns)}")
     file_column = "file" if "file" in columns else columns[0]
-    labels: dict[str, int] = {}
+    labelled: list[LabelRow] = []
+    by_name: dict[str, LabelRow] = {}
     for line, row in enumerate(rows, start=2):
         text = (row.get(label_column) or "").strip()
         if not text:
@@ -366,15 +382,59 @@ def _read_labels(csv_path: Path, label_column: str) -> dict[str, int]:
             value = float("nan")
         if not value.is_integer() or value < 0:
             raise HaganError(
-                f"{csv_path}:{line}: label {text!r} in column {label_column!r} is not a non-negative integer"
+                f"{where}:{line}: label {text!r} in column {label_column!r} is not a non-negative integer"
             )
-        for key in _label_keys(row.get(file_column) or ""):
-            labels.setdefault(key, int(value))
-    return labels
+        current = LabelRow(line, (row.get(file_column) or "").strip(), int(value))
+        if not current.name:  # names no file, so labels none
+            continue
+        first = by_name.setdefault(_label_keys(current.name)[0], current)
+        if first.label != current.label:
+            raise HaganError(
+                f"{where}: lines {first.line} ({display_path(first.name)}) and {line} ({display_path(current.name)}) "
+                f"label the same files differently ({first.label} and {current.label}); keep one"
+            )
+        labelled.append(current)
+    return labelled
 
 
-def _lookup_label(labels: dict[str, int], path: Path) -> int | None:
-    return next((labels[k] for k in _label_keys(path.name) if k in labels), None)
+def _assign_labels(rows: list[LabelRow], csv_path: Path, paths: list[Path]) -> tuple[list[int | None], list[str]]:
+    """Each path's label (None: no row), and warnings; decided before any work so an error costs nothing.
+
+    A row matching the file's normalised name wins. Otherwise the rows sharing its IXI subject
+    number must agree, or the file is refused naming two of them. A row that labels several files
+    is a warning, since a loose match may have given one scan's label to another.
+    """
+    exact: dict[str, LabelRow] = {}
+    by_subject: dict[str, list[LabelRow]] = {}
+    for row in rows:
+        name_key, *aliases = _label_keys(row.name)
+        exact.setdefault(name_key, row)
+        for alias in aliases:
+            by_subject.setdefault(alias, []).append(row)
+    where = display_path(csv_path)
+    found: list[int | None] = []
+    users: dict[LabelRow, list[Path]] = {}
+    for path in paths:
+        name_key, *aliases = _label_keys(path.name)
+        candidates = [exact[name_key]] if name_key in exact else [r for a in aliases for r in by_subject.get(a, [])]
+        if len({r.label for r in candidates}) > 1:
+            first = candidates[0]
+            other = next(r for r in candidates if r.label != first.label)
+            raise HaganError(
+                f"{where}: {display_path(path.name)} matches line {first.line} ({display_path(first.name)}, label "
+                f"{first.label}) and line {other.line} ({display_path(other.name)}, label {other.label}) by subject "
+                "number; add a row with its exact name"
+            )
+        found.append(candidates[0].label if candidates else None)
+        if candidates:
+            users.setdefault(candidates[0], []).append(path)
+    warnings = [
+        f"{where}:{row.line}: {display_path(row.name)} labels {len(files)} files "
+        f"({', '.join(display_path(p.name) for p in files[:3])}{', ...' if len(files) > 3 else ''}); "
+        "check that one label fits them all"
+        for row, files in users.items() if len(files) > 1
+    ]
+    return found, warnings
 
 
 def _unique_name(path: Path, taken: set[str]) -> str:
@@ -453,16 +513,18 @@ def preprocess_folder(
     else:
         paths = [Path(os.fsdecode(os.fspath(p))) for p in src]
         source_name = f"{len(paths)} listed paths"
-    labels = _read_labels(Path(labels_csv), label_column) if labels_csv is not None else None
+    report = PreprocessReport(cache_dir=Path(dst))
+    labels: list[int | None] = [-1] * len(paths)
+    if labels_csv is not None:
+        labels, report.warnings = _assign_labels(_read_labels(Path(labels_csv), label_column), Path(labels_csv), paths)
     label_maps = SegmentationFolder(segmentations) if segmentations is not None else None
     dst = Path(dst)
     _prepare_cache_dir(dst, recipe, size, mode, segmentations=label_maps is not None)
 
-    report = PreprocessReport(cache_dir=dst)
     entries: list[dict] = []
     taken: set[str] = set()
     largest_label = 0
-    for path in tqdm(paths, desc="preprocess", unit="vol", disable=not progress):
+    for path, found in zip(tqdm(paths, desc="preprocess", unit="vol", disable=not progress), labels):
         try:
             volume = read_volume(path)
             cube, trimmed = _preprocess_guarded(volume, recipe, size, mode, trim, min_size, str(path))
@@ -472,13 +534,9 @@ def preprocess_folder(
         except VolumeError as exc:
             report.bad.append((exc.path, exc.reason))
             continue
-        label = -1
-        if labels is not None:
-            found = _lookup_label(labels, path)
-            if found is None:
-                report.warnings.append(f"{display_path(path)}: no label in {display_path(labels_csv)}; using -1")
-            else:
-                label = found
+        if found is None:
+            report.warnings.append(f"{display_path(path)}: no label in {display_path(labels_csv)}; using -1")
+        label = -1 if found is None else found
         name = _unique_name(path, taken)
         relative = f"volumes/{name}.npy"
         _save_npy(dst / relative, cube.array.astype(np.float16))
