@@ -1,4 +1,4 @@
-"""Hostile input, round two (issue 15): operating-system errors and labels CSVs that match ambiguously.
+"""Hostile input, round two (issue 15): operating-system errors, labels CSVs that match ambiguously, cube sizes no model trains at, and geometry that leaves a rod.
 
 Everything runs in process through ``hagan.cli.main`` (a subprocess would spend seconds importing
 torch); fixtures are small seeded arrays written here.
@@ -19,15 +19,46 @@ from hagan.checkpoint import TMP_PREFIX, list_checkpoints, load_checkpoint
 from hagan.cli import main
 from hagan.config import build_config
 from hagan.errors import HaganError
+from hagan.io import write_volume
 from hagan.models import build_model
-from hagan.preprocess import preprocess_folder
+from hagan.preprocess import MAX_CUBE_SIZE, fitted_span, preprocess_folder
 
 ENOSPC = "No space left on device"
+NAMES = ("v0", "v1", "v2")
+
+
+def write_sources(folder: Path, seed: int) -> Path:
+    """Three small random volumes; both source sets use the same names, so a mix would go unseen."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for name in NAMES:
+        np.save(folder / f"{name}.npy", rng.uniform(0, 100, (20, 18, 16)).astype(np.float32))
+    return folder
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def preprocess(src: Path, dst: Path, *extra: str) -> int:
+    return main(["preprocess", str(src), str(dst), "--recipe", "mri", "--size", "32", *extra])
 
 
 def error_lines(err: str) -> list[str]:
     """The lines of stderr that are not progress bars (tqdm redraws with carriage returns)."""
     return [line for line in err.replace("\r", "\n").splitlines() if line.startswith("hagan ")]
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory) -> dict:
+    """Sources A and B, and the caches a clean run makes of each (the references)."""
+    root = tmp_path_factory.mktemp("caches")
+    old_src, new_src = write_sources(root / "a", 0), write_sources(root / "b", 1)
+    preprocess_folder(old_src, root / "old", "mri", 32, progress=False)
+    preprocess_folder(new_src, root / "new", "mri", 32, progress=False)
+    return {"old_src": old_src, "new_src": new_src, "old": root / "old", "new": snapshot(root / "new"),
+            "old_bytes": snapshot(root / "old")}
 
 
 @pytest.fixture
@@ -179,3 +210,70 @@ def test_a_labels_csv_that_matches_ambiguously(tmp_path, monkeypatch, count_read
     report = run()
     assert [entry.label for entry in report.entries] == labels
     assert report.warnings == ([problem] if problem else [])
+
+
+@pytest.mark.parametrize("size", [16, 48, 100, 1000, 0])
+def test_cli_refuses_sizes_no_model_trains_at(caches, tmp_path, capsys, count_reads, size):
+    dst = tmp_path / "cache"
+    assert main(["preprocess", str(caches["new_src"]), str(dst), "--recipe", "mri", "--size", str(size)]) == 2
+    assert capsys.readouterr().err == (f"hagan preprocess: error: --size {size}: no model trains at that size; "
+                                       "choose one of 32, 64, 128, 256, 512\n")
+    assert count_reads == [] and not dst.exists()
+
+
+class Reached(Exception):
+    """Raised where work would start: the arguments were accepted."""
+
+
+@pytest.mark.parametrize("size, accepted", [(8, True), (MAX_CUBE_SIZE, True), (MAX_CUBE_SIZE + 1, False), (1000, False)])
+def test_api_caps_the_cube_size(caches, tmp_path, monkeypatch, size, accepted):
+    def reached(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(hagan.preprocess, "_prepare_cache_dir", reached)
+    expected = (Reached, None) if accepted else (HaganError, rf"^cube size {size} is above the 512 maximum "
+                                                          r"\(hagan.preprocess.MAX_CUBE_SIZE\)")
+    with pytest.raises(expected[0], match=expected[1]):
+        preprocess_folder(caches["new_src"], tmp_path / "cache", "mri", size, progress=False)
+
+
+# shape and voxel size of real data sets and of broken headers; minimum span along an axis at 32^3
+@pytest.mark.parametrize("shape, spacing, outcome", [
+    ((120, 120, 90), (2.0, 2.0, 2.0), "ok"),          # IXI T1, 2 mm
+    ((35, 50, 35), (1.0, 1.0, 1.0), "ok"),            # MSD hippocampus crop
+    ((31, 59, 24), (1.0, 1.0, 1.0), "ok"),            # its most elongated case
+    ((28, 28, 28), (1.0, 1.0, 1.0), "ok"),            # AdrenalMNIST3D
+    ((24, 24, 2), (1.0, 1.0, 1.0), "warning"),        # 3 of 32 voxels thick
+    ((16, 16, 16), (0.1, 0.1, 10.0), "skipped"),      # 0.1 x 0.1 x 10 mm voxels: a rod
+    ((2, 2, 200), (1.0, 1.0, 1.0), "skipped"),        # 2 x 2 x 200 voxels: a rod
+])
+def test_thin_geometry_is_flagged_naming_the_file(tmp_path, capsys, shape, spacing, outcome):
+    for size in (32, 64, 128, 256, 512):  # the rule scales with the cube
+        span = fitted_span(shape, spacing, size, "resize_keep_aspect")
+        assert (min(span) >= size / 8) == (outcome == "ok"), (size, span)
+    src = tmp_path / "src"
+    src.mkdir()
+    array = np.random.default_rng(0).uniform(0, 100, shape).astype(np.float32)
+    write_volume(src / "odd.nii.gz", array, np.diag([*spacing, 1.0]))
+    np.save(src / "normal.npy", np.random.default_rng(1).uniform(0, 100, (20, 20, 20)).astype(np.float32))
+    assert preprocess(src, tmp_path / "cache") == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "odd.nii.gz" in line]
+    if outcome == "ok":
+        assert lines == []
+        return
+    extent = "x".join(f"{n * s:.3g}" for n, s in zip(shape[::-1], spacing[::-1]))
+    span = "x".join(map(str, fitted_span(shape[::-1], spacing[::-1], 32, "resize_keep_aspect")))
+    where = f"{src / 'odd.nii.gz'}: its {extent} mm extent (S, A, R) fills {span} voxels of the 32^3 cube"
+    if outcome == "warning":
+        assert lines == [f"warning: {where} (under 1/8 of an edge); check the voxel size in its header"]
+        assert "2 of 2 volumes preprocessed" in out
+    else:
+        assert lines == [f"{where}: a sheet or rod, nothing to learn; check the voxel size in its header"]
+        assert "1 of 2 volumes preprocessed" in out
+
+
+@pytest.mark.parametrize("mode, span", [("resize", (32, 32, 32)), ("pad", (2, 24, 24)),
+                                        ("resize_keep_aspect", (3, 32, 32))])
+def test_fitted_span_per_mode(mode, span):
+    assert fitted_span((2, 24, 24), (1.0, 1.0, 1.0), 32, mode) == span

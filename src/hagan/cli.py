@@ -27,8 +27,14 @@ def cmd_phantoms(args: argparse.Namespace) -> None:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
+    from .models.networks import SUPPORTED_SIZES
     from .preprocess import preprocess_folder
 
+    # a cache is for training, so refuse up front a size no model trains at (the Python API also
+    # takes small sizes, for tests and feature extraction)
+    if args.size not in SUPPORTED_SIZES:
+        raise HaganError(f"--size {args.size}: no model trains at that size; "
+                         f"choose one of {', '.join(map(str, SUPPORTED_SIZES))}")
     report = preprocess_folder(
         args.src, args.dst, recipe=args.recipe, size=args.size, mode=args.mode, trim=not args.no_trim,
         labels_csv=args.labels, label_column=args.label_column, progress=True, segmentations=args.segmentations,
@@ -286,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="folder of NIfTI/NRRD/MHA/DICOM/npy volumes")
     p.add_argument("dst", help="cache folder to write")
     p.add_argument("--recipe", required=True, choices=["ct", "mri"])
-    p.add_argument("--size", type=int, required=True, help="training cube edge (power of two)")
+    p.add_argument("--size", type=int, required=True, help="training cube edge: 32, 64, 128, 256 or 512")
     p.add_argument("--mode", default="resize_keep_aspect", choices=["resize_keep_aspect", "resize", "pad"])
     p.add_argument("--no-trim", action="store_true", help="keep blank axial slices at the ends")
     p.add_argument("--labels", help="CSV with a file column and a class-label column")

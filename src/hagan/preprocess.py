@@ -36,6 +36,14 @@ LABEL_NAME_SEPARATORS = "_-."
 FIT_MODES = ("resize_keep_aspect", "resize", "pad")
 CT_WINDOW_HU = (-1024.0, 600.0)
 MRI_PERCENTILE = 99.9
+# The largest cube edge: the largest size any model trains at (preset paper-512). 512^3 float16 is
+# 256 MiB per cube; a typo such as --size 1000 would write 2 GB per volume.
+MAX_CUBE_SIZE = 512
+# Geometry rule: along every cube axis the volume's content must span at least MIN_FITTED_VOXELS
+# voxels (else it is skipped as unusable: a sheet or a rod) and is flagged when it spans less than
+# SPARSE_FIT_FRACTION of the edge (a wrong voxel size in the header is the usual cause).
+MIN_FITTED_VOXELS = 2
+SPARSE_FIT_FRACTION = 1 / 8
 
 _BLANK_TOLERANCE = 1e-6
 
@@ -157,6 +165,32 @@ def fit_to_cube(
     return _pad_or_crop(array, affine, size, background)
 
 
+def fitted_span(shape: tuple[int, ...], spacing: Iterable[float], size: int, mode: str) -> tuple[int, ...]:
+    """Cube voxels that ``fit_to_cube`` gives the volume along each axis (the rest is padding).
+
+    ``resize`` always fills the cube; ``pad`` keeps voxels one to one; ``resize_keep_aspect`` scales
+    the largest physical extent to ``size``, so a volume of 0.1 x 0.1 x 10 mm voxels becomes a rod.
+    """
+    if mode == "resize":
+        return (size,) * len(shape)
+    if mode == "pad":
+        return tuple(min(int(n), size) for n in shape)
+    extent = np.array(shape, dtype=np.float64) * np.array(list(spacing), dtype=np.float64)
+    return tuple(int(n) for n in np.clip(np.round(extent / extent.max() * size), 1, size))
+
+
+def _check_geometry(source: str, shape: tuple[int, ...], spacing: Iterable[float], size: int, mode: str) -> str | None:
+    """A VolumeError when the fitted content is a sheet or a rod, a warning when it fills little of the cube."""
+    span = fitted_span(shape, spacing, size, mode)
+    if min(span) >= SPARSE_FIT_FRACTION * size:
+        return None
+    extent = "x".join(f"{n * s:.3g}" for n, s in zip(shape, spacing))
+    where = f"its {extent} mm extent (S, A, R) fills {'x'.join(map(str, span))} voxels of the {size}^3 cube"
+    if min(span) < MIN_FITTED_VOXELS:
+        raise VolumeError(source, f"{where}: a sheet or rod, nothing to learn; check the voxel size in its header")
+    return f"{source}: {where} (under 1/{round(1 / SPARSE_FIT_FRACTION)} of an edge); check the voxel size in its header"
+
+
 def _check_raw(source: str, array: np.ndarray) -> None:
     finite = np.isfinite(array)
     if not finite.any():
@@ -168,8 +202,9 @@ def _check_raw(source: str, array: np.ndarray) -> None:
 
 def _preprocess(
     volume: Volume, recipe: str, size: int, mode: str, trim: bool, min_size: int | None, source: str
-) -> tuple[Volume, int]:
-    """The pipeline, also returning how many blank end slices were trimmed (for the report)."""
+) -> tuple[Volume, int, str | None]:
+    """The pipeline, also returning how many blank end slices were trimmed and any geometry warning
+    (for the report)."""
     if mode not in FIT_MODES:
         raise HaganError(f"unknown mode {mode!r}; valid modes: {', '.join(FIT_MODES)}")
     _check_raw(source, volume.array)
@@ -192,9 +227,10 @@ def _preprocess(
             shape = "x".join(str(n) for n in array.shape)
             minimum = f"{smallest}x{smallest}x{smallest}"
             raise VolumeError(source, f"shape {shape} is smaller than the {minimum} minimum for pad mode")
+    warning = _check_geometry(source, array.shape, Volume(array, affine).spacing, size, mode)
     cube, cube_affine = fit_to_cube(array, affine, size, mode)
     cube = np.clip(cube, -1.0, 1.0).astype(np.float32)
-    return Volume(cube, cube_affine), trimmed
+    return Volume(cube, cube_affine), trimmed, warning
 
 
 def preprocess_volume(
@@ -210,7 +246,8 @@ def preprocess_volume(
     """canonicalise -> recipe -> trim -> fit: a float32 cube in [-1, 1] with its world affine.
 
     ``min_size`` (pad mode only; default ``size // 2``) rejects volumes that would be mostly
-    padding; ``source`` names the volume in VolumeErrors.
+    padding; ``source`` names the volume in VolumeErrors. A volume whose content would span fewer
+    than MIN_FITTED_VOXELS cube voxels along an axis (see ``fitted_span``) is refused.
     Every problem with the volume itself is a VolumeError (never another exception type).
     """
     return _preprocess_guarded(volume, recipe, size, mode, trim, min_size, source)[0]
@@ -218,7 +255,7 @@ def preprocess_volume(
 
 def _preprocess_guarded(
     volume: Volume, recipe: str, size: int, mode: str, trim: bool, min_size: int | None, source: str
-) -> tuple[Volume, int]:
+) -> tuple[Volume, int, str | None]:
     """_preprocess with a printable ``source`` and any unforeseen failure turned into a VolumeError.
 
     Hostile values (NaN, infinities, float32 extremes, odd geometry) are handled explicitly; the
@@ -505,6 +542,9 @@ def preprocess_folder(
         raise HaganError(f"unknown mode {mode!r}; valid modes: {', '.join(FIT_MODES)}")
     if size < 2:
         raise HaganError(f"cube size must be at least 2, got {size}")
+    if size > MAX_CUBE_SIZE:
+        raise HaganError(f"cube size {size} is above the {MAX_CUBE_SIZE} maximum (hagan.preprocess.MAX_CUBE_SIZE), "
+                         f"the largest size a model trains at; {size}^3 float16 is {size**3 * 2 / 2**30:.1f} GiB per cube")
     if (labels_csv is None) != (label_column is None):
         raise HaganError("labels need both a labels CSV and a label column")
     if isinstance(src, (str, os.PathLike)):
@@ -527,13 +567,15 @@ def preprocess_folder(
     for path, found in zip(tqdm(paths, desc="preprocess", unit="vol", disable=not progress), labels):
         try:
             volume = read_volume(path)
-            cube, trimmed = _preprocess_guarded(volume, recipe, size, mode, trim, min_size, str(path))
+            cube, trimmed, warning = _preprocess_guarded(volume, recipe, size, mode, trim, min_size, str(path))
             if label_maps is not None:
                 label_path = label_maps.match(path)
                 segmentation = segmentation_on_cube(read_volume(label_path), volume, cube, str(label_path))
         except VolumeError as exc:
             report.bad.append((exc.path, exc.reason))
             continue
+        if warning is not None:
+            report.warnings.append(warning)
         if found is None:
             report.warnings.append(f"{display_path(path)}: no label in {display_path(labels_csv)}; using -1")
         label = -1 if found is None else found
