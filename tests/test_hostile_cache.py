@@ -1,4 +1,5 @@
-"""Hostile input, round two (issue 15): operating-system errors, labels CSVs that match ambiguously, cube sizes no model trains at, and geometry that leaves a rod.
+"""Hostile input, round two (issue 15): operating-system errors, interrupted cache rebuilds, labels
+CSVs that match ambiguously, cube sizes no model trains at, and geometry that leaves a rod.
 
 Everything runs in process through ``hagan.cli.main`` (a subprocess would spend seconds importing
 torch); fixtures are small seeded arrays written here.
@@ -6,6 +7,7 @@ torch); fixtures are small seeded arrays written here.
 
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,10 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def hidden_siblings(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith("."))
+
+
 def preprocess(src: Path, dst: Path, *extra: str) -> int:
     return main(["preprocess", str(src), str(dst), "--recipe", "mri", "--size", "32", *extra])
 
@@ -73,6 +79,178 @@ def count_reads(monkeypatch) -> list[Path]:
 
     monkeypatch.setattr(hagan.preprocess, "read_volume", read)
     return reads
+
+
+def fail_on_call(monkeypatch, owner, name: str, call: int, stop: BaseException) -> None:
+    """Make ``owner.name`` raise ``stop`` on its ``call``-th use (0-based); other calls go through."""
+    original, calls = getattr(owner, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == call + 1:
+            raise stop
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+# ---------------------------------------------------------------- class 5: old cache or new, never a mix
+
+STOPS = {
+    "ctrl-c": (KeyboardInterrupt(), 130, "hagan preprocess: interrupted"),
+    "disk full": (OSError(errno.ENOSPC, ENOSPC), 2, "hagan preprocess: error: {dst}: cannot write (No space left on device)"),
+}
+# (what is patched, which call fails): the 1st, 2nd and 3rd cube, the manifest, moving the old
+# cache aside and moving the new one into place
+POINTS = {
+    "cube 1": (np, "save", 0),
+    "cube 2": (np, "save", 1),
+    "cube 3": (np, "save", 2),
+    "manifest": (hagan.preprocess, "write_json_atomic", 0),
+    "old cache aside": (os, "rename", 0),
+    "new cache into place": (os, "rename", 1),
+}
+
+
+@pytest.mark.parametrize("stop", STOPS)
+@pytest.mark.parametrize("point", POINTS)
+def test_a_rebuild_stopped_anywhere_leaves_the_old_cache_byte_for_byte(caches, tmp_path, monkeypatch, capsys, point, stop):
+    dst = tmp_path / "cache"
+    shutil.copytree(caches["old"], dst)
+    exception, status, message = STOPS[stop]
+    with monkeypatch.context() as patch:
+        fail_on_call(patch, *POINTS[point], exception)
+        assert preprocess(caches["new_src"], dst, "--force") == status
+    assert error_lines(capsys.readouterr().err) == [message.format(dst=dst)]
+    assert snapshot(dst) == caches["old_bytes"]
+    assert hidden_siblings(dst) == []
+
+    assert preprocess(caches["new_src"], dst, "--force") == 0
+    assert snapshot(dst) == caches["new"]
+    assert hidden_siblings(dst) == []
+
+
+@pytest.mark.parametrize("stop", STOPS)
+def test_a_first_build_stopped_leaves_no_folder(caches, tmp_path, monkeypatch, capsys, stop):
+    dst = tmp_path / "deep" / "cache"
+    exception, status, message = STOPS[stop]
+    with monkeypatch.context() as patch:
+        fail_on_call(patch, np, "save", 1, exception)
+        assert preprocess(caches["new_src"], dst, "--force") == status
+    assert error_lines(capsys.readouterr().err) == [message.format(dst=dst)]
+    assert not dst.exists() and hidden_siblings(dst) == []
+    assert preprocess(caches["new_src"], dst) == 0  # nothing there, so no --force needed
+    assert snapshot(dst) == caches["new"]
+
+
+def leave_as_killed(caches, dst: Path, moment: str) -> None:
+    """The folders a SIGKILL at ``moment`` leaves (the same names preprocess_folder uses)."""
+    token = "0123456789ab"
+    staged, trash = dst.with_name(f".cache.tmp-{token}"), dst.with_name(f".cache.trash-{token}")
+    shutil.copytree(caches["old"], dst)
+    if moment == "while building":  # some cubes written, no manifest yet
+        (staged / "volumes").mkdir(parents=True)
+        (staged / "volumes" / "v0.npy").write_bytes(caches["new"]["volumes/v0.npy"])
+        return
+    for name, data in caches["new"].items():
+        (staged / name).parent.mkdir(parents=True, exist_ok=True)
+        (staged / name).write_bytes(data)
+    os.rename(dst, trash)
+    if moment == "between the two renames":
+        return
+    os.rename(staged, dst)  # "while deleting the old cache": half of it is gone
+    (trash / "manifest.json").unlink()
+
+
+@pytest.mark.parametrize("moment, expected", [
+    ("while building", "old"), ("between the two renames", "new"), ("while deleting the old cache", "new"),
+])
+def test_a_later_run_settles_what_a_kill_left(caches, tmp_path, capsys, moment, expected):
+    dst = tmp_path / "cache"
+    leave_as_killed(caches, dst, moment)
+    assert preprocess(caches["new_src"], dst) == 2  # a cache is in place again, and there is no --force
+    assert "already a hagan cache" in capsys.readouterr().err
+    assert snapshot(dst) == (caches["old_bytes"] if expected == "old" else caches["new"])
+    assert hidden_siblings(dst) == []
+
+
+def make_user_folder(caches, dst: Path, kind: str) -> None:
+    if kind == "cache":
+        shutil.copytree(caches["old"], dst)
+    elif kind == "cache with notes":
+        shutil.copytree(caches["old"], dst)
+        (dst / "notes.txt").write_text("mine")
+    elif kind == "folder with notes":
+        dst.mkdir()
+        (dst / "notes.txt").write_text("mine")
+    else:
+        dst.write_text("a file")
+
+
+@pytest.mark.parametrize("kind, force, reason", [
+    ("cache", False, "already a hagan cache (recipe=mri, size=32, mode=resize_keep_aspect, 3 volumes); "
+                     "pass --force to replace it, or choose another folder"),
+    ("folder with notes", False, "not empty and not a hagan cache; choose an empty or new folder"),
+    ("folder with notes", True, "not empty and not a hagan cache; choose an empty or new folder"),
+    ("cache with notes", True, "a hagan cache that also holds other files (notes.txt); move them out or choose "
+                               "another folder"),
+    ("file", True, "exists and is not a folder"),
+])
+def test_a_destination_that_may_not_be_replaced_is_refused_before_any_work(
+    caches, tmp_path, capsys, count_reads, kind, force, reason
+):
+    dst = tmp_path / "cache"
+    make_user_folder(caches, dst, kind)
+    before = dst.read_bytes() if dst.is_file() else snapshot(dst)
+    assert preprocess(caches["new_src"], dst, *(["--force"] if force else [])) == 2
+    assert capsys.readouterr().err == f"hagan preprocess: error: {dst}: {reason}\n"
+    assert (dst.read_bytes() if dst.is_file() else snapshot(dst)) == before
+    assert count_reads == [] and hidden_siblings(dst) == []
+
+
+# ---------------------------------------------------------------- class 4: operating-system errors
+
+
+def deny(monkeypatch, folder: Path, code: int) -> None:
+    """Creating anything inside ``folder`` fails as it would on a read-only folder or file system."""
+    original = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.parent == folder:
+            raise OSError(code, os.strerror(code), str(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize("case, where, reason", [
+    ("under a file", "file.txt/cache", "{tmp}/file.txt is a file, not a folder"),
+    ("deep under a file", "file.txt/a/b/cache", "{tmp}/file.txt is a file, not a folder"),
+    ("under /proc", "/proc/hagan-test/cache", None),  # the kernel's reason depends on who asks
+    ("read-only folder", "locked/cache", "Permission denied"),
+    ("permission denied (simulated)", "locked/cache", "Permission denied"),
+    ("read-only file system (simulated)", "locked/cache", "Read-only file system"),
+])
+def test_an_unwritable_destination_fails_before_any_work(
+    caches, tmp_path, monkeypatch, capsys, count_reads, case, where, reason
+):
+    (tmp_path / "file.txt").write_text("x")
+    dst = tmp_path / where
+    if case == "read-only folder":
+        if os.geteuid() == 0:
+            pytest.skip("root ignores folder permissions")
+        (tmp_path / "locked").mkdir(mode=0o555)
+    elif "simulated" in case:
+        (tmp_path / "locked").mkdir()
+        deny(monkeypatch, tmp_path / "locked", errno.EACCES if "permission" in case else errno.EROFS)
+    assert preprocess(caches["new_src"], dst) == 2
+    err = capsys.readouterr().err
+    if reason is None:
+        assert err.startswith(f"hagan preprocess: error: {dst}: cannot write (") and err.count("\n") == 1
+    else:
+        assert err == f"hagan preprocess: error: {dst}: cannot write ({reason.format(tmp=tmp_path)})\n"
+    assert count_reads == [] and not dst.exists()
+    assert not [p for p in tmp_path.rglob(".*")]
 
 
 @pytest.mark.parametrize("error, printed", [
@@ -157,6 +335,9 @@ def test_disk_full_at_a_checkpoint_names_it_and_leaves_no_partial_folder(
     assert_previous_checkpoint_loads(run)
 
 
+# ---------------------------------------------------------------- class 7: silent wrong results
+
+
 def write_named(folder: Path, names: list[str]) -> list[Path]:
     folder.mkdir()
     rng = np.random.default_rng(5)
@@ -230,7 +411,7 @@ def test_api_caps_the_cube_size(caches, tmp_path, monkeypatch, size, accepted):
     def reached(*args, **kwargs):
         raise Reached
 
-    monkeypatch.setattr(hagan.preprocess, "_prepare_cache_dir", reached)
+    monkeypatch.setattr(hagan.preprocess, "_prepare_destination", reached)
     expected = (Reached, None) if accepted else (HaganError, rf"^cube size {size} is above the 512 maximum "
                                                           r"\(hagan.preprocess.MAX_CUBE_SIZE\)")
     with pytest.raises(expected[0], match=expected[1]):

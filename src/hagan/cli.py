@@ -38,6 +38,7 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
     report = preprocess_folder(
         args.src, args.dst, recipe=args.recipe, size=args.size, mode=args.mode, trim=not args.no_trim,
         labels_csv=args.labels, label_column=args.label_column, progress=True, segmentations=args.segmentations,
+        force=args.force,
     )
     print(report.summary())
 
@@ -294,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, choices=["ct", "mri"])
     p.add_argument("--size", type=int, required=True, help="training cube edge: 32, 64, 128, 256 or 512")
     p.add_argument("--mode", default="resize_keep_aspect", choices=["resize_keep_aspect", "resize", "pad"])
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing cache in DST (swapped in only once the new one is complete)")
     p.add_argument("--no-trim", action="store_true", help="keep blank axial slices at the ends")
     p.add_argument("--labels", help="CSV with a file column and a class-label column")
     p.add_argument("--label-column", help="column of --labels holding integer classes")

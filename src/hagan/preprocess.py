@@ -8,9 +8,12 @@ sub-volumes are slabs along axis 0.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
+import secrets
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,7 +27,7 @@ from tqdm import tqdm
 from hagan import __version__
 from hagan.errors import HaganError, NoUsableVolumesError, VolumeError
 from hagan.io import (
-    Volume, atomic_write, display_path, list_volume_paths, read_volume, volume_stem, write_json_atomic,
+    Volume, atomic_write, display_path, list_volume_paths, printable, read_volume, volume_stem, write_json_atomic,
 )
 
 CANONICAL_AXCODES = ("S", "A", "R")
@@ -44,6 +47,8 @@ MAX_CUBE_SIZE = 512
 # SPARSE_FIT_FRACTION of the edge (a wrong voxel size in the header is the usual cause).
 MIN_FITTED_VOXELS = 2
 SPARSE_FIT_FRACTION = 1 / 8
+# What a cache folder holds; a folder with anything else is never replaced (it holds user files).
+CACHE_PARTS = ("manifest.json", "volumes", "segmentations")
 
 _BLANK_TOLERANCE = 1e-6
 
@@ -353,7 +358,7 @@ class PreprocessReport:
         """Multi-line text ending with one 'path: reason' line per unusable file."""
         total = len(self.entries) + len(self.bad)
         lines = [
-            f"cache: {self.cache_dir}",
+            f"cache: {display_path(self.cache_dir)}",
             f"{len(self.entries)} of {total} volumes preprocessed in {self.seconds:.1f} s",
         ]
         trimmed = sum(e.trimmed_slices for e in self.entries)
@@ -483,32 +488,137 @@ def _unique_name(path: Path, taken: set[str]) -> str:
     return name
 
 
-def _prepare_cache_dir(dst: Path, recipe: str, size: int, mode: str, segmentations: bool = False) -> None:
-    """Refuse to mix into a folder that is not an empty one or a compatible hagan cache."""
-    if dst.exists() and not dst.is_dir():
-        raise HaganError(f"{dst}: exists and is not a folder")
-    if dst.is_dir() and any(dst.iterdir()):
-        refusal = f"{dst}: not empty and not a hagan cache; choose an empty or new folder"
+def _os_reason(err: OSError) -> str:
+    """The operating system's reason in one printable line (``No space left on device``)."""
+    return " ".join(printable(str(err.strerror or err)).split())
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    """The folder's hagan manifest, or None when the folder is not a hagan cache."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == CACHE_FORMAT else None
+
+
+def _leftovers(target: Path) -> list[tuple[str, str, Path]]:
+    """(kind, token, folder) of the hidden staging (``.NAME.tmp-TOKEN``) and trash (``.NAME.trash-TOKEN``)
+    folders that killed runs left beside ``target``."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|trash)-([0-9a-f]{{12}})")
+    if not target.parent.is_dir():
+        return []
+    return sorted((m[1], m[2], p) for p in target.parent.iterdir() if (m := pattern.fullmatch(p.name)))
+
+
+def _settle_leftovers(target: Path) -> None:
+    """Finish a swap that a kill cut between its two renames, then remove what killed runs left.
+
+    Only that moment leaves ``target`` missing with its old cache in a trash folder; the staged
+    cache beside it is then complete (its manifest is written before the swap) and is put in place.
+    """
+    if not os.path.lexists(target):
+        for token, trash in ((token, path) for kind, token, path in _leftovers(target) if kind == "trash"):
+            staged = target.with_name(f".{target.name}.tmp-{token}")
+            complete = next((p for p in (staged, trash) if _read_manifest(p) is not None), None)
+            if complete is not None:
+                os.rename(complete, target)
+                break
+    for _, _, leftover in _leftovers(target):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _check_destination(dst: Path, target: Path, force: bool) -> None:
+    """Refuse, before any work, a destination that the new cache may not replace or cannot be written beside."""
+    name = display_path(dst)
+    if target.exists() and not target.is_dir():
+        raise HaganError(f"{name}: exists and is not a folder")
+    if not target.exists():
+        ancestor = dst.parent  # as the user wrote it, to name it so
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise HaganError(f"{name}: cannot write ({display_path(ancestor)} is a file, not a folder)")
+        return
+    if os.path.ismount(target):
+        raise HaganError(f"{name}: is a mount point, and a cache is swapped in by renaming; use a folder inside it")
+    entries = sorted(p.name for p in target.iterdir())
+    if not entries:
+        return
+    manifest = _read_manifest(target)
+    if manifest is None:
+        raise HaganError(f"{name}: not empty and not a hagan cache; choose an empty or new folder")
+    foreign = [e for e in entries if e not in CACHE_PARTS and not re.fullmatch(r"\.manifest\.json\..*\.tmp\.json", e)]
+    if foreign:
+        listed = ", ".join(display_path(e) for e in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise HaganError(f"{name}: a hagan cache that also holds other files ({listed}); move them out or choose "
+                         "another folder")
+    if not force:
+        settings = ", ".join(f"{key}={manifest.get(key)}" for key in ("recipe", "size", "mode"))
+        raise HaganError(f"{name}: already a hagan cache ({settings}, {len(manifest.get('entries', []))} volumes); "
+                         "pass --force to replace it, or choose another folder")
+
+
+def _prepare_destination(dst: Path, target: Path, force: bool) -> Path:
+    """Check the destination and create the hidden sibling folder the new cache is built in, before
+    any work; creating it proves that the destination can be written."""
+    try:
+        _settle_leftovers(target)
+    except OSError as err:
+        raise HaganError(f"{display_path(dst)}: cannot write ({_os_reason(err)})") from err
+    _check_destination(dst, target, force)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.tmp-{secrets.token_hex(6)}")
+        staging.mkdir()
+    except OSError as err:
+        raise HaganError(f"{display_path(dst)}: cannot write ({_os_reason(err)})") from err
+    return staging
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk; best effort where the OS does not allow it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    """Put the finished cache at ``target`` by two renames, so that a reader, or a kill, finds the
+    complete old cache or the complete new one (_settle_leftovers finishes a swap cut in between)."""
+    for folder in (staging / "volumes", staging / "segmentations", staging):
+        if folder.is_dir():
+            _fsync(folder)
+    trash = target.with_name(f".{target.name}.trash-{staging.name.rsplit('-', 1)[1]}")
+    if os.path.lexists(target):
+        os.rename(target, trash)
         try:
-            manifest = json.loads((dst / "manifest.json").read_text())
-        except (OSError, ValueError):
-            raise HaganError(refusal) from None
-        if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
-            raise HaganError(refusal)
-        existing = (manifest.get("recipe"), manifest.get("size"), manifest.get("mode"))
-        if existing != (recipe, size, mode):
-            raise HaganError(
-                f"{dst}: already a cache with recipe={existing[0]}, size={existing[1]}, mode={existing[2]}; "
-                f"use another folder for recipe={recipe}, size={size}, mode={mode}"
-            )
-    (dst / "volumes").mkdir(parents=True, exist_ok=True)
-    if segmentations:
-        (dst / "segmentations").mkdir(exist_ok=True)
+            os.rename(staging, target)
+        except BaseException:
+            os.rename(trash, target)
+            raise
+    else:
+        os.rename(staging, target)
+    _fsync(target.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
+    """Write a .npy and flush it to disk. It is serialised in memory first: numpy writing to a file
+    reports a full disk as '... requested and ... written' without the reason; a plain write says ENOSPC."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
+        f.write(buffer.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def preprocess_folder(
@@ -524,12 +634,18 @@ def preprocess_folder(
     *,
     min_size: int | None = None,
     segmentations: str | os.PathLike | None = None,
+    force: bool = False,
 ) -> PreprocessReport:
     """Build a hagan cache in ``dst`` from a folder (or list) of volumes, skipping unusable files.
 
     Bad files are listed in the report rather than stopping the run; only a source with no usable
-    volume at all raises NoUsableVolumesError. Each cube and, last, the manifest are written
-    atomically, so an interrupted run never leaves a manifest pointing at half-written data.
+    volume at all raises NoUsableVolumesError. Everything that can be checked (arguments, labels,
+    the destination) is checked before the first volume is read.
+
+    The cache is built in a hidden sibling folder and swapped into place when complete, so ``dst``
+    always holds the complete old cache or the complete new one, whatever stops the run (an error,
+    a full disk, Ctrl-C, a kill); a later run removes what a killed one left. An existing cache is
+    replaced only with ``force``; a non-empty folder that is not a hagan cache never is.
 
     ``segmentations`` names a folder of label maps, one per image on the image's grid (see
     ``SegmentationFolder`` for the naming); each is cached beside its cube on the cube's grid
@@ -559,8 +675,33 @@ def preprocess_folder(
         labels, report.warnings = _assign_labels(_read_labels(Path(labels_csv), label_column), Path(labels_csv), paths)
     label_maps = SegmentationFolder(segmentations) if segmentations is not None else None
     dst = Path(dst)
-    _prepare_cache_dir(dst, recipe, size, mode, segmentations=label_maps is not None)
+    target = Path(os.path.abspath(dst.resolve() if dst.is_symlink() else dst))
+    staging = _prepare_destination(dst, target, force)
+    try:
+        manifest = _build_cache(
+            staging, paths, labels, report, recipe, size, mode, trim, min_size, label_maps, labels_csv, progress
+        )
+        if manifest is None:
+            first = f" (first reason: {report.bad[0][0]}: {report.bad[0][1]})" if report.bad else ""
+            raise NoUsableVolumesError(f"{source_name}: no usable volume among {len(paths)} files{first}")
+        _swap_into_place(staging, target)
+    except OSError as err:
+        raise HaganError(f"{display_path(dst)}: cannot write ({_os_reason(err)})") from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report.seconds = time.perf_counter() - start
+    return report
 
+
+def _build_cache(
+    folder: Path, paths: list[Path], labels: list[int | None], report: PreprocessReport, recipe: str, size: int,
+    mode: str, trim: bool, min_size: int | None, label_maps: SegmentationFolder | None,
+    labels_csv: str | os.PathLike | None, progress: bool,
+) -> dict | None:
+    """Write every usable volume and, last, the manifest into ``folder``; the manifest, or None when no volume was usable."""
+    (folder / "volumes").mkdir()
+    if label_maps is not None:
+        (folder / "segmentations").mkdir()
     entries: list[dict] = []
     taken: set[str] = set()
     largest_label = 0
@@ -581,7 +722,7 @@ def preprocess_folder(
         label = -1 if found is None else found
         name = _unique_name(path, taken)
         relative = f"volumes/{name}.npy"
-        _save_npy(dst / relative, cube.array.astype(np.float16))
+        _save_npy(folder / relative, cube.array.astype(np.float16))
         entry = {
             "name": name,
             "file": relative,
@@ -594,15 +735,13 @@ def preprocess_folder(
         if label_maps is not None:
             entry["segmentation"] = f"segmentations/{name}.npy"
             largest_label = max(largest_label, int(segmentation.max()))
-            _save_npy(dst / entry["segmentation"], segmentation)
+            _save_npy(folder / entry["segmentation"], segmentation)
         entries.append(entry)
         report.entries.append(
             CacheEntryReport(name, display_path(path), volume.array.shape, volume.spacing, trimmed, label)
         )
-
     if not entries:
-        first = f" (first reason: {report.bad[0][0]}: {report.bad[0][1]})" if report.bad else ""
-        raise NoUsableVolumesError(f"{source_name}: no usable volume among {len(paths)} files{first}")
+        return None
     max_label = max(e["label"] for e in entries)
     manifest = {
         "format": CACHE_FORMAT,
@@ -617,14 +756,9 @@ def preprocess_folder(
     if label_maps is not None:
         # foreground label values 1..segmentation_labels; 0 is background
         manifest["segmentation_labels"] = report.segmentation_labels = largest_label
-    write_json_atomic(dst / "manifest.json", manifest, indent=1)
-    for key, folder in (("file", "volumes"), ("segmentation", "segmentations")):
-        current = {Path(e[key]).name for e in entries if key in e}
-        for stale in (dst / folder).glob("*.npy"):
-            if stale.name not in current:
-                stale.unlink()
-    report.seconds = time.perf_counter() - start
-    return report
+    write_json_atomic(folder / "manifest.json", manifest, indent=1)
+    _fsync(folder / "manifest.json")
+    return manifest
 
 
 def ensure_cache(data: str | os.PathLike, out: str | os.PathLike, recipe: str, size: int, max_volumes: int = 0) -> Path:
