@@ -577,7 +577,7 @@ def test_cli_over_a_mixed_folder(tmp_path, capfd):
     mixed = tmp_path / "mixed"
     expected = bad_files(mixed)
     good_files(mixed)
-    assert main(["preprocess", str(mixed), str(tmp_path / "cache"), "--recipe", "mri", "--size", "16"]) == 0
+    assert main(["preprocess", str(mixed), str(tmp_path / "cache"), "--recipe", "mri", "--size", "32"]) == 0
     out, err = capfd.readouterr()
     out.encode("utf-8"), err.encode("utf-8")  # printable on a strict UTF-8 terminal
     assert "Traceback" not in out + err
@@ -590,7 +590,7 @@ def test_cli_over_a_mixed_folder(tmp_path, capfd):
 def test_cli_over_a_folder_of_only_bad_files(tmp_path, capfd):
     only_bad = tmp_path / "bad"
     expected = bad_files(only_bad)
-    result = run_cli("preprocess", str(only_bad), str(tmp_path / "c1"), "--recipe", "mri", "--size", "16")
+    result = run_cli("preprocess", str(only_bad), str(tmp_path / "c1"), "--recipe", "mri", "--size", "32")
     err = result.stderr.decode()
     assert result.returncode == 2, err
     assert "Traceback" not in err
@@ -600,4 +600,4 @@ def test_cli_over_a_folder_of_only_bad_files(tmp_path, capfd):
 
     # --debug lets the exception (and so its traceback) through
     with pytest.raises(NoUsableVolumesError, match="no usable volume"):
-        main(["--debug", "preprocess", str(only_bad), str(tmp_path / "c2"), "--recipe", "mri", "--size", "16"])
+        main(["--debug", "preprocess", str(only_bad), str(tmp_path / "c2"), "--recipe", "mri", "--size", "32"])

@@ -211,15 +211,15 @@ def test_preprocess_folder_writes_cache_and_reports_bad_files(mixed_folder, tmp_
 def test_rerun_into_same_cache_and_refusals(mixed_folder, tmp_path):
     dst = tmp_path / "cache"
     preprocess_folder(mixed_folder, dst, "mri", 16, progress=False)
-    preprocess_folder(sorted(mixed_folder.glob("IXI000*")), dst, "mri", 16, progress=False)
+    with pytest.raises(HaganError, match="already a hagan cache .recipe=mri, size=16.*pass --force"):
+        preprocess_folder(sorted(mixed_folder.glob("IXI000*")), dst, "mri", 16, progress=False)
+    preprocess_folder(sorted(mixed_folder.glob("IXI000*")), dst, "mri", 16, progress=False, force=True)
     manifest = json.loads((dst / "manifest.json").read_text())
     assert len(manifest["entries"]) == 1
     assert sorted(p.name for p in (dst / "volumes").iterdir()) == ["IXI000-HH-1000_T1.npy"]
 
-    with pytest.raises(HaganError, match="recipe=mri, size=16"):
-        preprocess_folder(mixed_folder, dst, "ct", 16, progress=False)
     with pytest.raises(HaganError, match="not a hagan cache"):
-        preprocess_folder(mixed_folder, mixed_folder, "mri", 16, progress=False)
+        preprocess_folder(mixed_folder, mixed_folder, "mri", 16, progress=False, force=True)
 
 
 def test_folder_with_only_bad_files(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 from . import __version__
 from .config import MODEL_PRESETS, PRESETS, build_config, parse_assignment
 from .errors import HaganError, VolumeError
+from .io import display_path, printable
 from .models import MODELS
 
 
@@ -25,11 +27,18 @@ def cmd_phantoms(args: argparse.Namespace) -> None:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
+    from .models.networks import SUPPORTED_SIZES
     from .preprocess import preprocess_folder
 
+    # a cache is for training, so refuse up front a size no model trains at (the Python API also
+    # takes small sizes, for tests and feature extraction)
+    if args.size not in SUPPORTED_SIZES:
+        raise HaganError(f"--size {args.size}: no model trains at that size; "
+                         f"choose one of {', '.join(map(str, SUPPORTED_SIZES))}")
     report = preprocess_folder(
         args.src, args.dst, recipe=args.recipe, size=args.size, mode=args.mode, trim=not args.no_trim,
         labels_csv=args.labels, label_column=args.label_column, progress=True, segmentations=args.segmentations,
+        force=args.force,
     )
     print(report.summary())
 
@@ -284,8 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="folder of NIfTI/NRRD/MHA/DICOM/npy volumes")
     p.add_argument("dst", help="cache folder to write")
     p.add_argument("--recipe", required=True, choices=["ct", "mri"])
-    p.add_argument("--size", type=int, required=True, help="training cube edge (power of two)")
+    p.add_argument("--size", type=int, required=True, help="training cube edge: 32, 64, 128, 256 or 512")
     p.add_argument("--mode", default="resize_keep_aspect", choices=["resize_keep_aspect", "resize", "pad"])
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing cache in DST (swapped in only once the new one is complete)")
     p.add_argument("--no-trim", action="store_true", help="keep blank axial slices at the ends")
     p.add_argument("--labels", help="CSV with a file column and a class-label column")
     p.add_argument("--label-column", help="column of --labels holding integer classes")
@@ -412,6 +423,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def os_error_message(err: OSError) -> str:
+    """``path: reason`` (``path -> other: reason`` for a rename) in one printable line; just the
+    reason when the operating system named no file (a write to an open file that fills the disk)."""
+    reason = " ".join(printable(str(err.strerror or err)).split())
+    names = [display_path(name) for name in (err.filename, err.filename2) if isinstance(name, (str, bytes, os.PathLike))]
+    return f"{' -> '.join(names)}: {reason}" if names else reason
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -420,6 +439,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"hagan {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if args.debug:
+            raise
+        print(f"hagan {args.command}: error: {os_error_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"hagan {args.command}: interrupted", file=sys.stderr)

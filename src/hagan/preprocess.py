@@ -8,9 +8,12 @@ sub-volumes are slabs along axis 0.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
+import secrets
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,7 +27,7 @@ from tqdm import tqdm
 from hagan import __version__
 from hagan.errors import HaganError, NoUsableVolumesError, VolumeError
 from hagan.io import (
-    Volume, atomic_write, display_path, list_volume_paths, read_volume, volume_stem, write_json_atomic,
+    Volume, atomic_write, display_path, list_volume_paths, printable, read_volume, volume_stem, write_json_atomic,
 )
 
 CANONICAL_AXCODES = ("S", "A", "R")
@@ -36,6 +39,16 @@ LABEL_NAME_SEPARATORS = "_-."
 FIT_MODES = ("resize_keep_aspect", "resize", "pad")
 CT_WINDOW_HU = (-1024.0, 600.0)
 MRI_PERCENTILE = 99.9
+# The largest cube edge: the largest size any model trains at (preset paper-512). 512^3 float16 is
+# 256 MiB per cube; a typo such as --size 1000 would write 2 GB per volume.
+MAX_CUBE_SIZE = 512
+# Geometry rule: along every cube axis the volume's content must span at least MIN_FITTED_VOXELS
+# voxels (else it is skipped as unusable: a sheet or a rod) and is flagged when it spans less than
+# SPARSE_FIT_FRACTION of the edge (a wrong voxel size in the header is the usual cause).
+MIN_FITTED_VOXELS = 2
+SPARSE_FIT_FRACTION = 1 / 8
+# What a cache folder holds; a folder with anything else is never replaced (it holds user files).
+CACHE_PARTS = ("manifest.json", "volumes", "segmentations")
 
 _BLANK_TOLERANCE = 1e-6
 
@@ -178,6 +191,32 @@ def fit_to_cube(
     return _pad_or_crop(array, affine, size, background)
 
 
+def fitted_span(shape: tuple[int, ...], spacing: Iterable[float], size: int, mode: str) -> tuple[int, ...]:
+    """Cube voxels that ``fit_to_cube`` gives the volume along each axis (the rest is padding).
+
+    ``resize`` always fills the cube; ``pad`` keeps voxels one to one; ``resize_keep_aspect`` scales
+    the largest physical extent to ``size``, so a volume of 0.1 x 0.1 x 10 mm voxels becomes a rod.
+    """
+    if mode == "resize":
+        return (size,) * len(shape)
+    if mode == "pad":
+        return tuple(min(int(n), size) for n in shape)
+    extent = np.array(shape, dtype=np.float64) * np.array(list(spacing), dtype=np.float64)
+    return tuple(int(n) for n in np.clip(np.round(extent / extent.max() * size), 1, size))
+
+
+def _check_geometry(source: str, shape: tuple[int, ...], spacing: Iterable[float], size: int, mode: str) -> str | None:
+    """A VolumeError when the fitted content is a sheet or a rod, a warning when it fills little of the cube."""
+    span = fitted_span(shape, spacing, size, mode)
+    if min(span) >= SPARSE_FIT_FRACTION * size:
+        return None
+    extent = "x".join(f"{n * s:.3g}" for n, s in zip(shape, spacing))
+    where = f"its {extent} mm extent (S, A, R) fills {'x'.join(map(str, span))} voxels of the {size}^3 cube"
+    if min(span) < MIN_FITTED_VOXELS:
+        raise VolumeError(source, f"{where}: a sheet or rod, nothing to learn; check the voxel size in its header")
+    return f"{source}: {where} (under 1/{round(1 / SPARSE_FIT_FRACTION)} of an edge); check the voxel size in its header"
+
+
 def _check_raw(source: str, array: np.ndarray) -> None:
     finite = np.isfinite(array)
     if not finite.any():
@@ -188,8 +227,9 @@ def _check_raw(source: str, array: np.ndarray) -> None:
 
 def _preprocess(
     volume: Volume, recipe: str, size: int, mode: str, trim: bool, min_size: int | None, source: str
-) -> tuple[Volume, int]:
-    """The pipeline, also returning how many blank end slices were trimmed (for the report)."""
+) -> tuple[Volume, int, str | None]:
+    """The pipeline, also returning how many blank end slices were trimmed and any geometry warning
+    (for the report)."""
     if mode not in FIT_MODES:
         raise HaganError(f"unknown mode {mode!r}; valid modes: {', '.join(FIT_MODES)}")
     _check_raw(source, volume.array)
@@ -211,9 +251,10 @@ def _preprocess(
             shape = "x".join(str(n) for n in array.shape)
             minimum = f"{smallest}x{smallest}x{smallest}"
             raise VolumeError(source, f"shape {shape} is smaller than the {minimum} minimum for pad mode")
+    warning = _check_geometry(source, array.shape, Volume(array, affine).spacing, size, mode)
     cube, cube_affine = fit_to_cube(array, affine, size, mode)
     cube = np.clip(cube, -1.0, 1.0).astype(np.float32)
-    return Volume(cube, cube_affine), trimmed
+    return Volume(cube, cube_affine), trimmed, warning
 
 
 def preprocess_volume(
@@ -229,7 +270,8 @@ def preprocess_volume(
     """canonicalise -> recipe -> trim -> fit: a float32 cube in [-1, 1] with its world affine.
 
     ``min_size`` (pad mode only; default ``size // 2``) rejects volumes that would be mostly
-    padding; ``source`` names the volume in VolumeErrors.
+    padding; ``source`` names the volume in VolumeErrors. A volume whose content would span fewer
+    than MIN_FITTED_VOXELS cube voxels along an axis (see ``fitted_span``) is refused.
     Every problem with the volume itself is a VolumeError (never another exception type).
     """
     return _preprocess_guarded(volume, recipe, size, mode, trim, min_size, source)[0]
@@ -237,7 +279,7 @@ def preprocess_volume(
 
 def _preprocess_guarded(
     volume: Volume, recipe: str, size: int, mode: str, trim: bool, min_size: int | None, source: str
-) -> tuple[Volume, int]:
+) -> tuple[Volume, int, str | None]:
     """_preprocess with a printable ``source`` and any unforeseen failure turned into a VolumeError.
 
     Hostile values (NaN, infinities, float32 extremes, odd geometry) are handled explicitly; the
@@ -335,7 +377,7 @@ class PreprocessReport:
         """Multi-line text ending with one 'path: reason' line per unusable file."""
         total = len(self.entries) + len(self.bad)
         lines = [
-            f"cache: {self.cache_dir}",
+            f"cache: {display_path(self.cache_dir)}",
             f"{len(self.entries)} of {total} volumes preprocessed in {self.seconds:.1f} s",
         ]
         trimmed = sum(e.trimmed_slices for e in self.entries)
@@ -361,20 +403,36 @@ def _label_keys(name: str) -> list[str]:
     return keys
 
 
-def _read_labels(csv_path: Path, label_column: str) -> dict[str, int]:
-    """Map of match keys to integer labels; blank cells are left out (reported as missing later)."""
+@dataclass(frozen=True)
+class LabelRow:
+    """One labelled row of a labels CSV; ``line`` is its line number (the header is line 1)."""
+
+    line: int
+    name: str
+    label: int
+
+
+def _read_labels(csv_path: Path, label_column: str) -> list[LabelRow]:
+    """The labelled rows; blank cells are left out (reported as missing later).
+
+    Two rows whose names match the same files (equal once normalised) with different labels are
+    an error: which one is right cannot be guessed. The same label twice is accepted, since
+    concatenated or joined tables often repeat a row and the result is unambiguous.
+    """
+    where = display_path(csv_path)
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise HaganError(f"{csv_path}: cannot read labels CSV ({exc})") from exc
+        raise HaganError(f"{where}: cannot read labels CSV ({exc})") from exc
     columns = list(rows[0].keys()) if rows else []
     if not columns:
-        raise HaganError(f"{csv_path}: labels CSV is empty")
+        raise HaganError(f"{where}: labels CSV is empty")
     if label_column not in columns:
-        raise HaganError(f"{csv_path}: no column {label_column!r}; columns: {', '.join(columns)}")
+        raise HaganError(f"{where}: no column {label_column!r}; columns: {', '.join(columns)}")
     file_column = "file" if "file" in columns else columns[0]
-    labels: dict[str, int] = {}
+    labelled: list[LabelRow] = []
+    by_name: dict[str, LabelRow] = {}
     for line, row in enumerate(rows, start=2):
         text = (row.get(label_column) or "").strip()
         if not text:
@@ -385,15 +443,59 @@ def _read_labels(csv_path: Path, label_column: str) -> dict[str, int]:
             value = float("nan")
         if not value.is_integer() or value < 0:
             raise HaganError(
-                f"{csv_path}:{line}: label {text!r} in column {label_column!r} is not a non-negative integer"
+                f"{where}:{line}: label {text!r} in column {label_column!r} is not a non-negative integer"
             )
-        for key in _label_keys(row.get(file_column) or ""):
-            labels.setdefault(key, int(value))
-    return labels
+        current = LabelRow(line, (row.get(file_column) or "").strip(), int(value))
+        if not current.name:  # names no file, so labels none
+            continue
+        first = by_name.setdefault(_label_keys(current.name)[0], current)
+        if first.label != current.label:
+            raise HaganError(
+                f"{where}: lines {first.line} ({display_path(first.name)}) and {line} ({display_path(current.name)}) "
+                f"label the same files differently ({first.label} and {current.label}); keep one"
+            )
+        labelled.append(current)
+    return labelled
 
 
-def _lookup_label(labels: dict[str, int], path: Path) -> int | None:
-    return next((labels[k] for k in _label_keys(path.name) if k in labels), None)
+def _assign_labels(rows: list[LabelRow], csv_path: Path, paths: list[Path]) -> tuple[list[int | None], list[str]]:
+    """Each path's label (None: no row), and warnings; decided before any work so an error costs nothing.
+
+    A row matching the file's normalised name wins. Otherwise the rows sharing its IXI subject
+    number must agree, or the file is refused naming two of them. A row that labels several files
+    is a warning, since a loose match may have given one scan's label to another.
+    """
+    exact: dict[str, LabelRow] = {}
+    by_subject: dict[str, list[LabelRow]] = {}
+    for row in rows:
+        name_key, *aliases = _label_keys(row.name)
+        exact.setdefault(name_key, row)
+        for alias in aliases:
+            by_subject.setdefault(alias, []).append(row)
+    where = display_path(csv_path)
+    found: list[int | None] = []
+    users: dict[LabelRow, list[Path]] = {}
+    for path in paths:
+        name_key, *aliases = _label_keys(path.name)
+        candidates = [exact[name_key]] if name_key in exact else [r for a in aliases for r in by_subject.get(a, [])]
+        if len({r.label for r in candidates}) > 1:
+            first = candidates[0]
+            other = next(r for r in candidates if r.label != first.label)
+            raise HaganError(
+                f"{where}: {display_path(path.name)} matches line {first.line} ({display_path(first.name)}, label "
+                f"{first.label}) and line {other.line} ({display_path(other.name)}, label {other.label}) by subject "
+                "number; add a row with its exact name"
+            )
+        found.append(candidates[0].label if candidates else None)
+        if candidates:
+            users.setdefault(candidates[0], []).append(path)
+    warnings = [
+        f"{where}:{row.line}: {display_path(row.name)} labels {len(files)} files "
+        f"({', '.join(display_path(p.name) for p in files[:3])}{', ...' if len(files) > 3 else ''}); "
+        "check that one label fits them all"
+        for row, files in users.items() if len(files) > 1
+    ]
+    return found, warnings
 
 
 def _unique_name(path: Path, taken: set[str]) -> str:
@@ -407,32 +509,137 @@ def _unique_name(path: Path, taken: set[str]) -> str:
     return name
 
 
-def _prepare_cache_dir(dst: Path, recipe: str, size: int, mode: str, segmentations: bool = False) -> None:
-    """Refuse to mix into a folder that is not an empty one or a compatible hagan cache."""
-    if dst.exists() and not dst.is_dir():
-        raise HaganError(f"{dst}: exists and is not a folder")
-    if dst.is_dir() and any(dst.iterdir()):
-        refusal = f"{dst}: not empty and not a hagan cache; choose an empty or new folder"
+def _os_reason(err: OSError) -> str:
+    """The operating system's reason in one printable line (``No space left on device``)."""
+    return " ".join(printable(str(err.strerror or err)).split())
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    """The folder's hagan manifest, or None when the folder is not a hagan cache."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == CACHE_FORMAT else None
+
+
+def _leftovers(target: Path) -> list[tuple[str, str, Path]]:
+    """(kind, token, folder) of the hidden staging (``.NAME.tmp-TOKEN``) and trash (``.NAME.trash-TOKEN``)
+    folders that killed runs left beside ``target``."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|trash)-([0-9a-f]{{12}})")
+    if not target.parent.is_dir():
+        return []
+    return sorted((m[1], m[2], p) for p in target.parent.iterdir() if (m := pattern.fullmatch(p.name)))
+
+
+def _settle_leftovers(target: Path) -> None:
+    """Finish a swap that a kill cut between its two renames, then remove what killed runs left.
+
+    Only that moment leaves ``target`` missing with its old cache in a trash folder; the staged
+    cache beside it is then complete (its manifest is written before the swap) and is put in place.
+    """
+    if not os.path.lexists(target):
+        for token, trash in ((token, path) for kind, token, path in _leftovers(target) if kind == "trash"):
+            staged = target.with_name(f".{target.name}.tmp-{token}")
+            complete = next((p for p in (staged, trash) if _read_manifest(p) is not None), None)
+            if complete is not None:
+                os.rename(complete, target)
+                break
+    for _, _, leftover in _leftovers(target):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _check_destination(dst: Path, target: Path, force: bool) -> None:
+    """Refuse, before any work, a destination that the new cache may not replace or cannot be written beside."""
+    name = display_path(dst)
+    if target.exists() and not target.is_dir():
+        raise HaganError(f"{name}: exists and is not a folder")
+    if not target.exists():
+        ancestor = dst.parent  # as the user wrote it, to name it so
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise HaganError(f"{name}: cannot write ({display_path(ancestor)} is a file, not a folder)")
+        return
+    if os.path.ismount(target):
+        raise HaganError(f"{name}: is a mount point, and a cache is swapped in by renaming; use a folder inside it")
+    entries = sorted(p.name for p in target.iterdir())
+    if not entries:
+        return
+    manifest = _read_manifest(target)
+    if manifest is None:
+        raise HaganError(f"{name}: not empty and not a hagan cache; choose an empty or new folder")
+    foreign = [e for e in entries if e not in CACHE_PARTS and not re.fullmatch(r"\.manifest\.json\..*\.tmp\.json", e)]
+    if foreign:
+        listed = ", ".join(display_path(e) for e in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise HaganError(f"{name}: a hagan cache that also holds other files ({listed}); move them out or choose "
+                         "another folder")
+    if not force:
+        settings = ", ".join(f"{key}={manifest.get(key)}" for key in ("recipe", "size", "mode"))
+        raise HaganError(f"{name}: already a hagan cache ({settings}, {len(manifest.get('entries', []))} volumes); "
+                         "pass --force to replace it, or choose another folder")
+
+
+def _prepare_destination(dst: Path, target: Path, force: bool) -> Path:
+    """Check the destination and create the hidden sibling folder the new cache is built in, before
+    any work; creating it proves that the destination can be written."""
+    try:
+        _settle_leftovers(target)
+    except OSError as err:
+        raise HaganError(f"{display_path(dst)}: cannot write ({_os_reason(err)})") from err
+    _check_destination(dst, target, force)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.tmp-{secrets.token_hex(6)}")
+        staging.mkdir()
+    except OSError as err:
+        raise HaganError(f"{display_path(dst)}: cannot write ({_os_reason(err)})") from err
+    return staging
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk; best effort where the OS does not allow it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    """Put the finished cache at ``target`` by two renames, so that a reader, or a kill, finds the
+    complete old cache or the complete new one (_settle_leftovers finishes a swap cut in between)."""
+    for folder in (staging / "volumes", staging / "segmentations", staging):
+        if folder.is_dir():
+            _fsync(folder)
+    trash = target.with_name(f".{target.name}.trash-{staging.name.rsplit('-', 1)[1]}")
+    if os.path.lexists(target):
+        os.rename(target, trash)
         try:
-            manifest = json.loads((dst / "manifest.json").read_text())
-        except (OSError, ValueError):
-            raise HaganError(refusal) from None
-        if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
-            raise HaganError(refusal)
-        existing = (manifest.get("recipe"), manifest.get("size"), manifest.get("mode"))
-        if existing != (recipe, size, mode):
-            raise HaganError(
-                f"{dst}: already a cache with recipe={existing[0]}, size={existing[1]}, mode={existing[2]}; "
-                f"use another folder for recipe={recipe}, size={size}, mode={mode}"
-            )
-    (dst / "volumes").mkdir(parents=True, exist_ok=True)
-    if segmentations:
-        (dst / "segmentations").mkdir(exist_ok=True)
+            os.rename(staging, target)
+        except BaseException:
+            os.rename(trash, target)
+            raise
+    else:
+        os.rename(staging, target)
+    _fsync(target.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
+    """Write a .npy and flush it to disk. It is serialised in memory first: numpy writing to a file
+    reports a full disk as '... requested and ... written' without the reason; a plain write says ENOSPC."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
+        f.write(buffer.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def preprocess_folder(
@@ -448,12 +655,18 @@ def preprocess_folder(
     *,
     min_size: int | None = None,
     segmentations: str | os.PathLike | None = None,
+    force: bool = False,
 ) -> PreprocessReport:
     """Build a hagan cache in ``dst`` from a folder (or list) of volumes, skipping unusable files.
 
     Bad files are listed in the report rather than stopping the run; only a source with no usable
-    volume at all raises NoUsableVolumesError. Each cube and, last, the manifest are written
-    atomically, so an interrupted run never leaves a manifest pointing at half-written data.
+    volume at all raises NoUsableVolumesError. Everything that can be checked (arguments, labels,
+    the destination) is checked before the first volume is read.
+
+    The cache is built in a hidden sibling folder and swapped into place when complete, so ``dst``
+    always holds the complete old cache or the complete new one, whatever stops the run (an error,
+    a full disk, Ctrl-C, a kill); a later run removes what a killed one left. An existing cache is
+    replaced only with ``force``; a non-empty folder that is not a hagan cache never is.
 
     ``segmentations`` names a folder of label maps, one per image on the image's grid (see
     ``SegmentationFolder`` for the naming); each is cached beside its cube on the cube's grid
@@ -466,6 +679,9 @@ def preprocess_folder(
         raise HaganError(f"unknown mode {mode!r}; valid modes: {', '.join(FIT_MODES)}")
     if size < 2:
         raise HaganError(f"cube size must be at least 2, got {size}")
+    if size > MAX_CUBE_SIZE:
+        raise HaganError(f"cube size {size} is above the {MAX_CUBE_SIZE} maximum (hagan.preprocess.MAX_CUBE_SIZE), "
+                         f"the largest size a model trains at; {size}^3 float16 is {size**3 * 2 / 2**30:.1f} GiB per cube")
     if (labels_csv is None) != (label_column is None):
         raise HaganError("labels need both a labels CSV and a label column")
     if isinstance(src, (str, os.PathLike)):
@@ -474,35 +690,60 @@ def preprocess_folder(
     else:
         paths = [Path(os.fsdecode(os.fspath(p))) for p in src]
         source_name = f"{len(paths)} listed paths"
-    labels = _read_labels(Path(labels_csv), label_column) if labels_csv is not None else None
+    report = PreprocessReport(cache_dir=Path(dst))
+    labels: list[int | None] = [-1] * len(paths)
+    if labels_csv is not None:
+        labels, report.warnings = _assign_labels(_read_labels(Path(labels_csv), label_column), Path(labels_csv), paths)
     label_maps = SegmentationFolder(segmentations) if segmentations is not None else None
     dst = Path(dst)
-    _prepare_cache_dir(dst, recipe, size, mode, segmentations=label_maps is not None)
+    target = Path(os.path.abspath(dst.resolve() if dst.is_symlink() else dst))
+    staging = _prepare_destination(dst, target, force)
+    try:
+        manifest = _build_cache(
+            staging, paths, labels, report, recipe, size, mode, trim, min_size, label_maps, labels_csv, progress
+        )
+        if manifest is None:
+            first = f" (first reason: {report.bad[0][0]}: {report.bad[0][1]})" if report.bad else ""
+            raise NoUsableVolumesError(f"{source_name}: no usable volume among {len(paths)} files{first}")
+        _swap_into_place(staging, target)
+    except OSError as err:
+        raise HaganError(f"{display_path(dst)}: cannot write ({_os_reason(err)})") from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report.seconds = time.perf_counter() - start
+    return report
 
-    report = PreprocessReport(cache_dir=dst)
+
+def _build_cache(
+    folder: Path, paths: list[Path], labels: list[int | None], report: PreprocessReport, recipe: str, size: int,
+    mode: str, trim: bool, min_size: int | None, label_maps: SegmentationFolder | None,
+    labels_csv: str | os.PathLike | None, progress: bool,
+) -> dict | None:
+    """Write every usable volume and, last, the manifest into ``folder``; the manifest, or None when no volume was usable."""
+    (folder / "volumes").mkdir()
+    if label_maps is not None:
+        (folder / "segmentations").mkdir()
     entries: list[dict] = []
     taken: set[str] = set()
     largest_label = 0
-    for path in tqdm(paths, desc="preprocess", unit="vol", disable=not progress):
+    for path, found in zip(tqdm(paths, desc="preprocess", unit="vol", disable=not progress), labels):
         try:
             volume = read_volume(path)
-            cube, trimmed = _preprocess_guarded(volume, recipe, size, mode, trim, min_size, str(path))
+            cube, trimmed, warning = _preprocess_guarded(volume, recipe, size, mode, trim, min_size, str(path))
             if label_maps is not None:
                 label_path = label_maps.match(path)
                 segmentation = segmentation_on_cube(read_volume(label_path), volume, cube, str(label_path))
         except VolumeError as exc:
             report.bad.append((exc.path, exc.reason))
             continue
-        label = -1
-        if labels is not None:
-            found = _lookup_label(labels, path)
-            if found is None:
-                report.warnings.append(f"{display_path(path)}: no label in {display_path(labels_csv)}; using -1")
-            else:
-                label = found
+        if warning is not None:
+            report.warnings.append(warning)
+        if found is None:
+            report.warnings.append(f"{display_path(path)}: no label in {display_path(labels_csv)}; using -1")
+        label = -1 if found is None else found
         name = _unique_name(path, taken)
         relative = f"volumes/{name}.npy"
-        _save_npy(dst / relative, cube.array.astype(np.float16))
+        _save_npy(folder / relative, cube.array.astype(np.float16))
         entry = {
             "name": name,
             "file": relative,
@@ -515,15 +756,13 @@ def preprocess_folder(
         if label_maps is not None:
             entry["segmentation"] = f"segmentations/{name}.npy"
             largest_label = max(largest_label, int(segmentation.max()))
-            _save_npy(dst / entry["segmentation"], segmentation)
+            _save_npy(folder / entry["segmentation"], segmentation)
         entries.append(entry)
         report.entries.append(
             CacheEntryReport(name, display_path(path), volume.array.shape, volume.spacing, trimmed, label)
         )
-
     if not entries:
-        first = f" (first reason: {report.bad[0][0]}: {report.bad[0][1]})" if report.bad else ""
-        raise NoUsableVolumesError(f"{source_name}: no usable volume among {len(paths)} files{first}")
+        return None
     max_label = max(e["label"] for e in entries)
     manifest = {
         "format": CACHE_FORMAT,
@@ -538,14 +777,9 @@ def preprocess_folder(
     if label_maps is not None:
         # foreground label values 1..segmentation_labels; 0 is background
         manifest["segmentation_labels"] = report.segmentation_labels = largest_label
-    write_json_atomic(dst / "manifest.json", manifest, indent=1)
-    for key, folder in (("file", "volumes"), ("segmentation", "segmentations")):
-        current = {Path(e[key]).name for e in entries if key in e}
-        for stale in (dst / folder).glob("*.npy"):
-            if stale.name not in current:
-                stale.unlink()
-    report.seconds = time.perf_counter() - start
-    return report
+    write_json_atomic(folder / "manifest.json", manifest, indent=1)
+    _fsync(folder / "manifest.json")
+    return manifest
 
 
 def ensure_cache(data: str | os.PathLike, out: str | os.PathLike, recipe: str, size: int, max_volumes: int = 0) -> Path:
