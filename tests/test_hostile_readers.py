@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hagan import io as hio
-from hagan.cli import main
+from hagan.cli import error_line, main
 from hagan.errors import HaganError, VolumeError, printable
 from hagan.io import atomic_write, read_volume, write_volume
 from hagan.preprocess import preprocess_folder
@@ -366,3 +366,13 @@ def test_long_names_are_cached_with_the_good_files(tmp_path):
     report = preprocess_folder(data, tmp_path / "cache", recipe="mri", size=8, progress=False)
     assert len(report.entries) == 4 and not report.bad
     assert sorted(len(e.name) for e in report.entries) == [5, 200, 202, 202]
+
+
+def test_every_cli_error_is_one_bounded_printable_line(tmp_path, capsys):
+    assert error_line("a\nhagan x: error: b\x1b[2J") == "a\\nhagan x: error: b\\x1b[2J"
+    long = error_line("v" * 10**6)
+    assert len(long) <= 1000 and long.endswith("(1000000 characters in all; --debug shows the whole error)")
+    missing = tmp_path / "no\nsuch\x1b[31m"
+    assert main(["train", "--data", str(missing), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "\x1b" not in err and "no\\nsuch\\x1b[31m" in err

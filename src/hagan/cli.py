@@ -14,8 +14,8 @@ import numpy as np
 
 from . import __version__
 from .config import MODEL_PRESETS, PRESETS, build_config, parse_assignment
-from .errors import HaganError, VolumeError
-from .io import display_path, printable
+from .errors import HaganError, VolumeError, printable
+from .io import display_path
 from .models import MODELS
 
 
@@ -431,6 +431,20 @@ def os_error_message(err: OSError) -> str:
     return f"{' -> '.join(names)}: {reason}" if names else reason
 
 
+MESSAGE_LIMIT = 1000
+
+
+def error_line(message: object) -> str:
+    """A message as one printable line of bounded length, whatever it quotes (a file name with a
+    newline, a value of megabytes): the last guard behind each message's own care."""
+    whole = str(message)
+    text = printable(whole[: 2 * MESSAGE_LIMIT])
+    if len(text) > MESSAGE_LIMIT or len(whole) > 2 * MESSAGE_LIMIT:
+        tail = f"... ({len(whole)} characters in all; --debug shows the whole error)"
+        text = text[: MESSAGE_LIMIT - len(tail)] + tail
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -438,12 +452,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (HaganError, ValueError) as err:
         if args.debug:
             raise
-        print(f"hagan {args.command}: error: {err}", file=sys.stderr)
+        print(f"hagan {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
     except OSError as err:
         if args.debug:
             raise
-        print(f"hagan {args.command}: error: {os_error_message(err)}", file=sys.stderr)
+        print(f"hagan {args.command}: error: {error_line(os_error_message(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"hagan {args.command}: interrupted", file=sys.stderr)
