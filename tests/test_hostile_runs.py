@@ -1,0 +1,204 @@
+"""Hostile runs and caches (issue 15): tampered run folders and caches, non-finite weights and outputs,
+count arguments, numeric config keys, and YAML alias bombs. Each gives one short line that names the
+file or the key, never a traceback and never a silent wrong result."""
+
+import dataclasses
+import shutil
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hagan.checks import short_repr
+from hagan.cli import build_parser, main
+from hagan.config import MODEL_PRESETS, Config, build_config, parse_assignment
+from hagan.errors import HaganError
+from hagan.train import train
+
+TINY = {
+    "model": {"size": 32, "width": 0.125, "latent_dim": 16},
+    "optim": {"batch_size": 2},
+    "train": {"iterations": 1, "checkpoint_every": 1, "log_every": 1, "sample_every": 1000, "ema_kimg": 1.0},
+}
+CHECKPOINT = Path("checkpoints") / "iter_00000001"
+STATE, WEIGHTS, TRAINING_STATE = (CHECKPOINT / name for name in
+                                  ("state.json", "weights.safetensors", "training_state.safetensors"))
+GEOMETRY, CONFIG = Path("geometry.json"), Path("config.yaml")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_ct_cache, tmp_path_factory):
+    """One tiny HA-GAN run (with an averaged generator), trained once for the whole module."""
+    run = tmp_path_factory.mktemp("hostile-runs") / "run"
+    train(build_config(None, None, [TINY, {"data": {"cache": str(tiny_ct_cache)}}]), run, progress=False)
+    return run
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("tensorboard", "samples"))
+    return dst
+
+
+def assert_one_short_line(message: str, names: str, tmp_path: Path) -> None:
+    """One line, no traceback, naming ``names`` (a file or key), short once the test's folder is left out."""
+    assert "\n" not in message and "Traceback" not in message, message
+    assert names in message, message
+    assert len(message.replace(str(tmp_path.parent), "")) < 300, message
+
+
+def error_line(capsys) -> str:
+    """The last line of stderr (progress bars come before it), after checking there is no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def write(relative, data):
+    def tamper(root: Path) -> None:
+        path = root / relative
+        path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return tamper
+
+
+def bomb(levels: int, indent: str = "") -> str:
+    """A "billion laughs" YAML: each line an anchored list of nine aliases of the line before."""
+    names = "abcdefghijklmnop"
+    lines = [f"{indent}- &a [x,x,x,x,x,x,x,x,x]"]
+    lines += [f"{indent}- &{names[i]} [" + ",".join([f"*{names[i - 1]}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+# ----- every numeric key of the config --------------------------------------------------------------------
+# keys where 0 is a meaningful setting (a term or feature switched off, or "automatic"); every other
+# numeric key must refuse 0
+ZERO_MEANS = {
+    "model.num_classes": "unconditional", "loss.lambda_recon_slab": "no slab reconstruction",
+    "loss.lambda_recon_global": "no global reconstruction", "loss.lambda_class": "no class loss",
+    "loss.r1_gamma": "no fixed R1", "loss.r1_per_voxel": "no per-voxel R1", "loss.gp_lambda": "no gradient penalty",
+    "loss.weight_high": "no high-resolution D loss", "loss.weight_low": "no low-resolution D loss",
+    "loss.lambda_recon_generator": "off", "loss.lambda_latent_prior": "off", "loss.diffaug_p": "no DiffAugment",
+    "loss.ada_target": "no ADA", "optim.beta1": "no momentum", "optim.beta2": "Adam's second moment of one step",
+    "data.workers": "load in the training process", "train.seed": "seed 0", "train.max_minutes": "no time limit",
+    "train.eval_every": "no periodic KID", "train.max_rollbacks": "stop at the first divergence",
+    "train.ema_kimg": "no EMA", "train.ema_rampup": "no ramp-up", "patch.overlap": "no overlap",
+    "patch.iterations_per_stage": "split train.iterations evenly", "patch.dropout": "no dropout",
+    "patch.lambda_l1": "no L1 term",
+    "patch.sketch_sigma": "no smoothing", "patch.sketch_low": "every edge", "patch.sketch_noise": "off",
+    "patch.context_noise": "off", "patch.context_blur_p": "off", "patch.context_blur_sigma": "off",
+    "patch.context_half_res_p": "off", "patch.seed_size": "patch.low_res_size",
+    "progressive.final_images": "no final phase", "progressive.segmentation_labels": "images only",
+    "progressive.encoder_recon_weight": "latent regression only", "baseline.lambda_recon": "off",
+    "baseline.vae_recon_generator": "off", "baseline.vae_recon_encoder": "off",
+}
+# keys where a negative value is meaningful
+NEGATIVE_MEANS = {"data.workers": {-1: "automatic"}, "patch.overlap": {-1: "the papers' overlap"}}
+# zero is allowed for this key, but not together with the default of another
+ZERO_CONFLICTS = {"patch.sketch_high": "patch.sketch_low (0.1) must not exceed it"}
+NUMERIC_KEYS = [f"{section.name}.{f.name}" for section in dataclasses.fields(Config)
+                for f in dataclasses.fields(section.default_factory())
+                if type(getattr(section.default_factory(), f.name)) in (int, float)]
+MODEL_BASES = [None, *MODEL_PRESETS.values()]  # HA-GAN's defaults, then each other model's preset
+VALUES = ["-1", "-0.5", "0", ".nan", "nan", ".inf", "-.inf", "1e999"]
+
+
+def test_the_numeric_keys_are_all_there():
+    assert len(NUMERIC_KEYS) == 74 and "loss.lambda_recon_slab" in NUMERIC_KEYS and "baseline.critic_steps" in NUMERIC_KEYS
+    assert set(ZERO_MEANS) | set(NEGATIVE_MEANS) | set(ZERO_CONFLICTS) <= set(NUMERIC_KEYS)
+
+
+@pytest.mark.parametrize("key", NUMERIC_KEYS)
+def test_every_numeric_key_refuses_bad_values_naming_the_key(key):
+    """Through ``--set`` (parse_assignment), on every model's base: refused naming the key, or allowed."""
+    section, field = key.split(".")
+    for base in MODEL_BASES:
+        for text in VALUES:
+            value = yaml.safe_load(text) if text != "nan" else float("nan")
+            allowed = (value == 0 and key in ZERO_MEANS) or (value in NEGATIVE_MEANS.get(key, {}))
+            try:
+                build_config(base, None, [parse_assignment(f"{key}={text}")])
+            except HaganError as err:
+                message = str(err)
+                assert not allowed, f"{key}={text} on {base}: {message}"
+                assert "\n" not in message and len(message) < 400, message
+                assert key in message or (f"{section}." in message and field in message), (base, text, message)
+            else:
+                assert allowed, f"{key}={text} on {base or 'hagan'} was accepted"
+
+
+# ----- YAML that is cheap to parse and expensive to print -------------------------------------------------
+def _measure(call, memory=True):
+    """(result or error, seconds, peak bytes the call allocated: traced only with ``memory``, which
+    slows the call down)."""
+    if memory:
+        tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        outcome = call()
+    except (HaganError, SystemExit) as err:
+        outcome = err
+    seconds = time.perf_counter() - started
+    peak = tracemalloc.get_traced_memory()[1] if memory else None
+    if memory:
+        tracemalloc.stop()
+    return outcome, seconds, peak
+
+
+@pytest.mark.parametrize("levels", [9, 10])
+def test_alias_bomb_config_is_one_short_line_fast(tmp_path, capsys, levels):
+    path = tmp_path / "bomb.yaml"
+    path.write_text("model:\n  size:\n" + bomb(levels, "  "))
+    assert len(path.read_bytes()) < 400  # 9 ** levels values once expanded
+    build_parser()  # imports what the command line imports, outside the measurement
+    code, seconds, peak = _measure(lambda: main(["train", "--config", str(path), "--out", str(tmp_path / "run")]))
+    err = error_line(capsys)
+    assert code == 2 and seconds < 1 and peak < 5 * 2**20, (seconds, peak)
+    assert err == f"hagan train: error: {path}: line 4: the alias *a is not allowed in a config; write the value out"
+
+
+@pytest.mark.parametrize("levels", [9, 10])
+def test_alias_bomb_in_a_run_config_or_set_value_is_one_short_line(trained, tmp_path, capsys, levels):
+    run = copy_run(trained, tmp_path)
+    write(CONFIG, "model:\n  name:\n" + bomb(levels, "  "))(run)
+    code, seconds, _ = _measure(lambda: main(["generate", str(run), "--out", str(tmp_path / "out")]), memory=False)
+    err = error_line(capsys)
+    assert code == 2 and seconds < 1 and err.endswith("config.yaml: line 4: the alias *a is not allowed in a config; "
+                                                      "write the value out")
+    text = "[" + bomb(levels).replace("\n", ",").replace("- ", "").rstrip(",") + "]"
+    outcome, seconds, _ = _measure(lambda: parse_assignment(f"model.name={text}"), memory=False)
+    assert str(outcome) == "--set 'model.name': line 1: the alias *a is not allowed in a config; write the value out"
+
+
+def test_an_expanded_bomb_is_echoed_in_bounded_time_and_length():
+    """Defence in depth: a value full of shared references (what PyYAML's own loader builds from a bomb)
+    is echoed by a bounded walk."""
+    value = yaml.safe_load("x:\n" + bomb(12, "  "))["x"]  # 9**12 = 2.8e11 values, if walked
+    outcome, seconds, peak = _measure(lambda: Config.from_dict({"model": {"size": value}}))
+    message = str(outcome)
+    assert isinstance(outcome, HaganError) and seconds < 0.5 and peak < 2**20
+    assert message.startswith("config: model.size must be int, got [['x', 'x', 'x', 'x', ...], [[")
+    assert len(message) < 150 and len(short_repr(value)) <= 80
+
+
+@pytest.mark.parametrize("content, message", [
+    ("model:\n  size: " + "[" * 20_000 + "]" * 20_000 + "\n", "not usable YAML (nested too deeply)"),
+    ("model:\n  size: " + "7" * 5000 + "\n", "not usable YAML (Exceeds the limit (4300 digits)"),
+    (b"model:\n  name: \xff\xfe\n", "not a YAML config (not UTF-8 text at byte 15)"),
+    ("loss:\n  kind: '" + "x" * 100_000 + "'\n", "loss.kind must be 'bce' or 'wgan-gp', got 'xxxx"),
+    ("model:\n  size: '" + "x" * 100_000 + "'\n", "model.size must be int, got 'xxxxxxxx"),
+    ("model:\n  size: 32\n  name: [a\n", "not valid YAML (while parsing a flow sequence"),
+    ("'" + "k" * 1000 + "': 1\n", "unknown section 'kkkkkkkk"),  # YAML's longest implicit key
+    ("model:\n  'k\u202ek\u2066': 1\n", "unknown key model.k\\u202ek\\u2066 (keys"),  # bidirectional overrides
+    ("model:\n  1: 2\n", "unknown key model.1"),
+    ("? [1, 2]\n: 3\n", "not valid YAML (while constructing a mapping"),
+    ("- 1\n- 2\n", "expected a mapping of sections, got list"),
+])
+def test_hostile_yaml_is_one_short_line(tmp_path, content, message):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    outcome, seconds, _ = _measure(lambda: build_config(None, path), memory=False)
+    assert isinstance(outcome, HaganError), outcome
+    assert message in str(outcome) and seconds < 2
+    assert_one_short_line(str(outcome), "config.yaml", tmp_path)
