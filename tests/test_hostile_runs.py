@@ -3,19 +3,25 @@ count arguments, numeric config keys, and YAML alias bombs. Each gives one short
 file or the key, never a traceback and never a silent wrong result."""
 
 import dataclasses
+import json
 import shutil
 import time
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
+from hagan.api import load_run
 from hagan.checks import short_repr
 from hagan.cli import build_parser, main
 from hagan.config import MODEL_PRESETS, Config, build_config, parse_assignment
 from hagan.errors import HaganError
-from hagan.train import train
+from hagan.models import HAGAN
+from hagan.train import Trainer, train
 
 TINY = {
     "model": {"size": 32, "width": 0.125, "latent_dim": 16},
@@ -202,3 +208,269 @@ def test_hostile_yaml_is_one_short_line(tmp_path, content, message):
     assert isinstance(outcome, HaganError), outcome
     assert message in str(outcome) and seconds < 2
     assert_one_short_line(str(outcome), "config.yaml", tmp_path)
+
+
+# ----- tampered run folders ------------------------------------------------------------------------------
+def edit_json(relative, change):
+    def tamper(root: Path) -> None:
+        path = root / relative
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    return tamper
+
+
+def raw_json(relative, key, raw):
+    """Set ``key`` of a JSON file to the literal text ``raw`` (which ``json.dumps`` would never write)."""
+    def tamper(root: Path) -> None:
+        path = root / relative
+        path.write_text(json.dumps({**json.loads(path.read_text()), key: "RAW"}).replace('"RAW"', raw))
+    return tamper
+
+
+def edit_text(relative, change):
+    def tamper(root: Path) -> None:
+        path = root / relative
+        path.write_text(change(path.read_text()))
+    return tamper
+
+
+def edit_tensors(relative, change, metadata=None):
+    """Rewrite a safetensors file with ``change(tensors)``; ``metadata``: a function of the old metadata."""
+    def tamper(root: Path) -> None:
+        from safetensors import safe_open
+
+        path = root / relative
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as handle:
+            old = handle.metadata()
+        change(tensors)
+        save_file(tensors, str(path), metadata=metadata(old) if metadata else old)
+    return tamper
+
+
+def truncate(relative, keep=0.5):
+    def tamper(root: Path) -> None:
+        path = root / relative
+        data = path.read_bytes()
+        path.write_bytes(data[: int(len(data) * keep)])
+    return tamper
+
+
+def poison(match, value=float("nan")):
+    """Set one element of the first tensor whose name contains ``match`` to ``value``."""
+    def change(tensors):
+        key = next(k for k in tensors if match in k and tensors[k].is_floating_point())
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[0] = value
+    return change
+
+
+def set_key(key, value):
+    def change(data):
+        data[key] = value
+        return data
+    return change
+
+
+def set_in(key, inner, value):
+    def change(data):
+        data[key][inner] = value
+        return data
+    return change
+
+
+def without(*keys):
+    def change(data):
+        for key in keys:
+            data.pop(key)
+        return data
+    return change
+
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
+A_SPECTRAL_VECTOR = "parametrizations.weight.0._u"
+
+RUN_CASES = {
+    # state.json
+    "state-list": (STATE, write(STATE, "[]")),
+    "state-empty-object": (STATE, write(STATE, "{}")),
+    "state-iteration-string": (STATE, edit_json(STATE, set_key("iteration", "1"))),
+    "state-iteration-negative": (STATE, edit_json(STATE, set_key("iteration", -1))),
+    "state-iteration-bool": (STATE, edit_json(STATE, set_key("iteration", True))),
+    "state-not-json": (STATE, write(STATE, '{"iteration": 1,')),
+    "state-binary": (STATE, write(STATE, b"\x80\x81\xfe\xff\x00")),
+    "state-empty-file": (STATE, write(STATE, b"")),
+    "state-nan": (STATE, write(STATE, '{"iteration": NaN}')),
+    "state-overflow": (STATE, write(STATE, '{"iteration": 1, "lr_scale": 1e999}')),
+    "state-deep": (STATE, write(STATE, DEEP_JSON)),
+    "state-lr-scale-negative": (STATE, edit_json(STATE, set_key("lr_scale", -1.0))),
+    "state-loader-list": (STATE, edit_json(STATE, set_key("loader", [0, 1]))),
+    "state-loader-no-epoch": (STATE, edit_json(STATE, lambda s: {**s, "loader": {"position": 1}})),
+    # geometry.json
+    "geometry-list": (GEOMETRY, write(GEOMETRY, "[1, 2]")),
+    "geometry-missing-keys": (GEOMETRY, edit_json(GEOMETRY, without("reference_affine", "mode"))),
+    "geometry-affine-overflow": (GEOMETRY, raw_json(GEOMETRY, "reference_affine", "[[1e999, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]")),
+    "geometry-affine-nan": (GEOMETRY, raw_json(GEOMETRY, "reference_affine", "[[NaN, 0, 0, 0], [0, 1, 0, 0]]")),
+    "geometry-affine-singular": (GEOMETRY, edit_json(GEOMETRY, set_key("reference_affine", [[0.0] * 4] * 4))),
+    "geometry-affine-3x3": (GEOMETRY, edit_json(GEOMETRY, set_key("reference_affine", np.eye(3).tolist()))),
+    "geometry-affine-strings": (GEOMETRY, edit_json(GEOMETRY, set_key("reference_affine", [["a"] * 4] * 4))),
+    "geometry-affine-ragged": (GEOMETRY, edit_json(GEOMETRY, set_key("reference_affine", [[1.0], [1.0, 2.0]]))),
+    "geometry-recipe": (GEOMETRY, edit_json(GEOMETRY, set_key("recipe", "xray"))),
+    "geometry-recipe-list": (GEOMETRY, edit_json(GEOMETRY, set_key("recipe", ["ct"]))),
+    "geometry-mode": (GEOMETRY, edit_json(GEOMETRY, set_key("mode", "stretch"))),
+    "geometry-size-mismatch": (GEOMETRY, edit_json(GEOMETRY, set_key("size", 64))),
+    "geometry-size-string": (GEOMETRY, edit_json(GEOMETRY, set_key("size", "32"))),
+    "geometry-classes-negative": (GEOMETRY, edit_json(GEOMETRY, set_key("num_classes", -2))),
+    # weights.safetensors
+    "weights-truncated": (WEIGHTS, truncate(WEIGHTS)),
+    "weights-header-only": (WEIGHTS, truncate(WEIGHTS, keep=0.001)),
+    "weights-empty": (WEIGHTS, write(WEIGHTS, b"")),
+    "weights-random-bytes": (WEIGHTS, write(WEIGHTS, np.random.default_rng(0).bytes(4096))),
+    "weights-nan-parameter": (WEIGHTS, edit_tensors(WEIGHTS, poison("common.fc.weight"))),
+    "weights-inf-spectral-vector": (WEIGHTS, edit_tensors(WEIGHTS, poison(A_SPECTRAL_VECTOR, float("inf")))),
+    "weights-nan-ema": (WEIGHTS, edit_tensors(WEIGHTS, poison("ema."))),
+    "weights-missing-tensor": (WEIGHTS, edit_tensors(WEIGHTS, lambda t: t.pop(next(iter(t))))),
+    # config.yaml
+    "config-unknown-key": (CONFIG, edit_text(CONFIG, lambda t: t.replace("  size: 32", "  sise: 32"))),
+    "config-wrong-type": (CONFIG, edit_text(CONFIG, lambda t: t.replace("  size: 32", "  size: '32'"))),
+    "config-nan": (CONFIG, edit_text(CONFIG, lambda t: t.replace("  lr_g: 0.0001", "  lr_g: .nan"))),
+    "config-list": (CONFIG, write(CONFIG, "- model\n- loss\n")),
+    "config-empty": (CONFIG, write(CONFIG, "")),
+    "config-binary": (CONFIG, write(CONFIG, b"\xff\xfe\x00m\x00o")),
+    "config-invalid-yaml": (CONFIG, write(CONFIG, "model: [unclosed\n")),
+    "config-python-tag": (CONFIG, write(CONFIG, "model: !!python/object/apply:os.system ['true']\n")),
+    "config-alias-bomb": (CONFIG, write(CONFIG, "model:\n  name:\n" + bomb(9, "  "))),
+}
+
+
+@pytest.mark.parametrize("file, tamper", RUN_CASES.values(), ids=RUN_CASES.keys())
+def test_tampered_run_is_refused_naming_the_file(trained, tmp_path, file, tamper):
+    run = copy_run(trained, tmp_path)
+    tamper(run)
+    with pytest.raises(HaganError) as info:
+        load_run(run, device="cpu")
+    assert_one_short_line(str(info.value), file.name, tmp_path)
+
+
+@pytest.mark.parametrize("case", ["state-list", "geometry-affine-singular", "weights-nan-parameter",
+                                  "config-alias-bomb"])
+def test_generate_on_a_tampered_run_exits_2_with_one_line_and_writes_nothing(trained, tmp_path, capsys, case):
+    file, tamper = RUN_CASES[case]
+    run = copy_run(trained, tmp_path)
+    tamper(run)
+    out = tmp_path / "out"
+    assert main(["generate", str(run), "--out", str(out), "--n", "1", "--device", "cpu"]) == 2
+    err = error_line(capsys)
+    assert err.startswith("hagan generate: error: ")
+    assert_one_short_line(err, file.name, tmp_path)
+    assert not out.exists()
+
+
+def test_non_finite_weights_name_the_first_bad_tensor(trained, tmp_path):
+    run = copy_run(trained, tmp_path)
+    edit_tensors(WEIGHTS, poison(A_SPECTRAL_VECTOR, float("inf")))(run)
+    with pytest.raises(HaganError, match=r"weights.safetensors: tensor \S+\._u holds non-finite values \(0 NaN, 1 Inf"):
+        load_run(run, device="cpu")
+
+
+def test_generate_refuses_to_write_non_finite_volumes(trained, tmp_path, capsys, monkeypatch):
+    """Finite weights can still overflow: the last guard before writing."""
+    monkeypatch.setattr(HAGAN, "decode", lambda self, z, labels=None: torch.full((len(z), 1, 32, 32, 32), float("nan")))
+    out = tmp_path / "out"
+    assert main(["generate", str(trained), "--out", str(out), "--n", "2", "--device", "cpu"]) == 2
+    err = error_line(capsys)
+    assert err.endswith("iter_00000001: the generator produced NaN or Inf in 2 of 2 volumes (first: volume 0); "
+                        "nothing written")
+    assert_one_short_line(err, "iter_00000001", tmp_path)
+    assert not out.exists()
+    run = load_run(trained, device="cpu")
+    with pytest.raises(HaganError, match="refusing to write volumes that hold NaN or Inf"):
+        run.save(np.full((1, 32, 32, 32), np.inf, np.float32), tmp_path / "direct")
+    assert not (tmp_path / "direct").exists()
+
+
+def _resume_config(run: Path):
+    return build_config(None, run / CONFIG, [{"train": {"iterations": 2}}])
+
+
+def _optimizer_meta(change):
+    def metadata(old):
+        meta = json.loads(old["optimizers"])
+        return {"optimizers": json.dumps(change(meta))}
+    return metadata
+
+
+def _unchanged(tensors):
+    return None
+
+
+RESUME_CASES = {
+    "training-state-truncated": (TRAINING_STATE, truncate(TRAINING_STATE)),
+    "training-state-empty": (TRAINING_STATE, write(TRAINING_STATE, b"")),
+    "training-state-no-metadata": (TRAINING_STATE, edit_tensors(TRAINING_STATE, _unchanged, metadata=lambda old: None)),
+    "training-state-metadata-not-json": (TRAINING_STATE, edit_tensors(
+        TRAINING_STATE, _unchanged, metadata=lambda old: {"optimizers": "{not json"})),
+    "training-state-metadata-list": (TRAINING_STATE, edit_tensors(
+        TRAINING_STATE, _unchanged, metadata=lambda old: {"optimizers": "[1, 2]"})),
+    "training-state-optimizer-missing": (TRAINING_STATE, edit_tensors(
+        TRAINING_STATE, _unchanged, metadata=_optimizer_meta(without("E_G")))),
+    "training-state-lr-string": (TRAINING_STATE, edit_tensors(
+        TRAINING_STATE, _unchanged, metadata=_optimizer_meta(lambda m: {**m, "G": {**m["G"], "param_groups": [
+            {**m["G"]["param_groups"][0], "lr": "fast"}]}}))),
+    "training-state-betas": (TRAINING_STATE, edit_tensors(
+        TRAINING_STATE, _unchanged, metadata=_optimizer_meta(lambda m: {**m, "D": {**m["D"], "param_groups": [
+            {**m["D"]["param_groups"][0], "betas": [2.0, 0.5]}]}}))),
+    "training-state-groups": (TRAINING_STATE, edit_tensors(
+        TRAINING_STATE, _unchanged, metadata=_optimizer_meta(lambda m: {**m, "G": {**m["G"], "param_groups": []}}))),
+    "training-state-nan-moment": (TRAINING_STATE, edit_tensors(TRAINING_STATE, poison("exp_avg_sq"))),
+    "training-state-moment-shape": (TRAINING_STATE, edit_tensors(
+        TRAINING_STATE, lambda t: t.update({"G/0/exp_avg": torch.zeros(3, 3)}))),
+    "training-state-slot-out-of-range": (TRAINING_STATE, edit_tensors(
+        TRAINING_STATE, lambda t: t.update({"G/99999/exp_avg": torch.zeros(1)}))),
+    "training-state-no-rng": (TRAINING_STATE, edit_tensors(TRAINING_STATE, lambda t: t.pop("rng"))),
+    "training-state-rng-dtype": (TRAINING_STATE, edit_tensors(
+        TRAINING_STATE, lambda t: t.update({"rng": t["rng"].float()}))),
+    "state-extra-wrong-type": (STATE, edit_json(STATE, set_key("extra", {"last_r1": [1, 2, 3]}))),
+    "state-loader-position-negative": (STATE, edit_json(STATE, set_in("loader", "position", -4))),
+}
+
+
+@pytest.mark.parametrize("file, tamper", RESUME_CASES.values(), ids=RESUME_CASES.keys())
+def test_tampered_checkpoint_is_refused_at_resume(trained, tmp_path, file, tamper):
+    run = copy_run(trained, tmp_path)
+    tamper(run)
+    with pytest.raises(HaganError) as info:
+        Trainer(_resume_config(run), run, resume=True, progress=False)
+    assert_one_short_line(str(info.value), file.name, tmp_path)
+
+
+def test_resume_through_the_command_line_names_the_file(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    RESUME_CASES["training-state-no-metadata"][1](run)
+    assert main(["train", "--out", str(run), "--resume", "--iterations", "2"]) == 2
+    err = error_line(capsys)
+    assert err.startswith("hagan train: error: ") and err.endswith(
+        "training_state.safetensors: no optimizer metadata; not a hagan training state")
+    assert_one_short_line(err, "training_state.safetensors", tmp_path)
+
+
+# ----- counts ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def loaded(trained):
+    return load_run(trained, device="cpu")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda run: run.generate(0), "n must be a positive integer, got 0"),
+    (lambda run: run.generate(-3), "n must be a positive integer, got -3"),
+    (lambda run: run.generate(2.0), "n must be a positive integer, got 2.0"),
+    (lambda run: run.generate(True), "n must be a positive integer, got True"),
+    (lambda run: run.generate(1, batch_size=0), "batch_size must be a positive integer, got 0"),
+    (lambda run: run.generate(1, batch_size=-1), "batch_size must be a positive integer, got -1"),
+    (lambda run: run.generate(1, seed=2**64), "seed must be an integer"),
+    (lambda run: run.generate(1, seed="0"), "seed must be an integer"),
+    (lambda run: run.encode(np.zeros((1, 32, 32, 32)), batch_size=0), "batch_size must be a positive integer"),
+    (lambda run: run.reconstruct(np.zeros((1, 32, 32, 32)), batch_size=-2), "batch_size must be a positive integer"),
+])
+def test_run_api_refuses_bad_counts(loaded, call, message):
+    with pytest.raises(HaganError, match=message):
+        call(loaded)

@@ -2,13 +2,23 @@
 
 Every message that echoes a user value goes through :func:`short_repr`, so a huge or deeply nested
 value (a YAML alias bomb, a megabyte string) still gives one short line, in time and memory bounded
-by the limit rather than by the value.
+by the limit rather than by the value. Files of runs and caches are read with
+:func:`read_json_object`, which refuses anything but a JSON object of finite numbers.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import reprlib
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from .errors import HaganError
+from .io import display_path
 
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 4, 4, 4, 4
@@ -31,3 +41,65 @@ def short_text(text: str, limit: int = 120) -> str:
     if cut or len(line) > limit:
         line = line[: limit - 3] + "..."
     return line
+
+
+def require_count(name: str, value: Any) -> int:
+    """``value`` if it is an integer of at least 1, else a HaganError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise HaganError(f"{name} must be a positive integer, got {short_repr(value)}")
+    return int(value)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {short_repr(text, 40)} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file that must hold an object; NaN, Infinity and numbers beyond float range are refused."""
+    where = display_path(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise HaganError(f"{where}: cannot read ({err.strerror})") from err
+    try:
+        value = json.loads(data.decode("utf-8"), parse_float=_finite_float, parse_constant=_no_constant)
+    except UnicodeDecodeError as err:
+        raise HaganError(f"{where}: not JSON (not UTF-8 text at byte {err.start})") from err
+    except RecursionError as err:
+        raise HaganError(f"{where}: not usable JSON (nested too deeply)") from err
+    except ValueError as err:
+        raise HaganError(f"{where}: not valid JSON ({short_text(str(err))})") from err
+    if not isinstance(value, dict):
+        raise HaganError(f"{where}: expected a JSON object, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    return {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+
+
+def is_int(value: Any) -> bool:
+    """True for an integer that is not a bool (JSON and YAML give ``true`` as a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def affine_problem(value: Any) -> str | None:
+    """What is wrong with ``value`` as a 4x4 voxel-to-world affine, or None."""
+    try:
+        affine = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        return f"must be a 4x4 matrix of numbers, got {short_repr(value)}"
+    if affine.shape != (4, 4):
+        return f"must be a 4x4 matrix, got shape {affine.shape}"
+    if not np.isfinite(affine).all():
+        return "holds NaN or infinite values"
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        return "is singular (zero voxel size or collinear axes)"
+    return None
