@@ -4,6 +4,7 @@ file or the key, never a traceback and never a silent wrong result."""
 
 import dataclasses
 import json
+import pickle
 import shutil
 import time
 import tracemalloc
@@ -19,6 +20,7 @@ from hagan.api import load_run
 from hagan.checks import short_repr
 from hagan.cli import build_parser, main
 from hagan.config import MODEL_PRESETS, Config, build_config, parse_assignment
+from hagan.data import CachedVolumeDataset
 from hagan.errors import HaganError
 from hagan.models import HAGAN
 from hagan.train import Trainer, train
@@ -451,6 +453,103 @@ def test_resume_through_the_command_line_names_the_file(trained, tmp_path, capsy
     assert err.startswith("hagan train: error: ") and err.endswith(
         "training_state.safetensors: no optimizer metadata; not a hagan training state")
     assert_one_short_line(err, "training_state.safetensors", tmp_path)
+
+
+# ----- caches ---------------------------------------------------------------------------------------------
+MANIFEST = Path("manifest.json")
+CUBE = Path("volumes") / "v0.npy"
+
+
+class MarkerOnUnpickle:
+    """Unpickling this creates a file: proof that a cache was unpickled."""
+
+    marker = None
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def pickled_cube(kind):
+    def tamper(root: Path) -> None:
+        MarkerOnUnpickle.marker = root / "UNPICKLED"
+        if kind == "object-array":
+            np.save(root / CUBE, np.array([MarkerOnUnpickle()], dtype=object), allow_pickle=True)
+        else:
+            (root / CUBE).write_bytes(pickle.dumps(MarkerOnUnpickle()))
+    return tamper
+
+
+def save_cube(array):
+    return lambda root: np.save(root / CUBE, array)
+
+
+def set_entry(key, value, index=0):
+    def change(manifest):
+        manifest["entries"][index][key] = value
+        return manifest
+    return change
+
+
+CACHE_CASES = {
+    "manifest-list": (MANIFEST, write(MANIFEST, "[]")),
+    "manifest-empty-object": (MANIFEST, write(MANIFEST, "{}")),
+    "manifest-not-json": (MANIFEST, write(MANIFEST, '{"format": ')),
+    "manifest-binary": (MANIFEST, write(MANIFEST, b"\x89PNG\r\n\x1a\n")),
+    "manifest-nan": (MANIFEST, edit_text(MANIFEST, lambda t: t.replace('"size": 32', '"size": NaN'))),
+    "manifest-format": (MANIFEST, edit_json(MANIFEST, set_key("format", "hagan-cache/0"))),
+    "manifest-no-entries": (MANIFEST, edit_json(MANIFEST, without("entries"))),
+    "manifest-entries-empty": (MANIFEST, edit_json(MANIFEST, set_key("entries", []))),
+    "manifest-entries-object": (MANIFEST, edit_json(MANIFEST, set_key("entries", {"file": "volumes/v0.npy"}))),
+    "manifest-entry-not-dict": (MANIFEST, edit_json(MANIFEST, lambda m: {**m, "entries": ["volumes/v0.npy"]})),
+    "manifest-entry-no-file": (MANIFEST, edit_json(MANIFEST, lambda m: {**m, "entries": [
+        {k: v for k, v in m["entries"][0].items() if k != "file"}]})),
+    "manifest-file-climbs-out": (MANIFEST, edit_json(MANIFEST, set_entry("file", "../../etc/passwd"))),
+    "manifest-file-absolute": (MANIFEST, edit_json(MANIFEST, set_entry("file", "/etc/passwd"))),
+    "manifest-file-climbs-inside": (MANIFEST, edit_json(MANIFEST, set_entry("file", "volumes/../../cache/x.npy"))),
+    "manifest-file-number": (MANIFEST, edit_json(MANIFEST, set_entry("file", 7))),
+    "manifest-segmentation-climbs-out": (MANIFEST, edit_json(MANIFEST, set_entry("segmentation", "../seg.npy"))),
+    "manifest-label-string": (MANIFEST, edit_json(MANIFEST, set_entry("label", "one"))),
+    "manifest-label-float": (MANIFEST, edit_json(MANIFEST, set_entry("label", 0.5))),
+    "manifest-label-beyond-classes": (MANIFEST, edit_json(MANIFEST, set_entry("label", 3))),
+    "manifest-size-string": (MANIFEST, edit_json(MANIFEST, set_key("size", "32"))),
+    "manifest-size-zero": (MANIFEST, edit_json(MANIFEST, set_key("size", 0))),
+    "manifest-classes-negative": (MANIFEST, edit_json(MANIFEST, set_key("num_classes", -1))),
+    "manifest-recipe": (MANIFEST, edit_json(MANIFEST, set_key("recipe", "pet"))),
+    "manifest-affine-singular": (MANIFEST, edit_json(MANIFEST, set_key("reference_affine", np.zeros((4, 4)).tolist()))),
+    "cube-missing": (CUBE, lambda root: (root / CUBE).unlink()),
+    "cube-wrong-size": (CUBE, save_cube(np.zeros((16, 16, 16), np.float16))),
+    "cube-not-a-cube": (CUBE, save_cube(np.zeros((32, 32), np.float16))),
+    "cube-integer-dtype": (CUBE, save_cube(np.zeros((32, 32, 32), np.int32))),
+    "cube-string-dtype": (CUBE, save_cube(np.full((32, 32, 32), "a"))),
+    "cube-truncated": (CUBE, truncate(CUBE)),
+    "cube-random-bytes": (CUBE, write(CUBE, np.random.default_rng(1).bytes(300))),
+    "cube-npz": (CUBE, lambda root: np.savez(root / "v0.npz", image=np.zeros((32, 32, 32))) or
+                 (root / "v0.npz").replace(root / CUBE)),
+    "cube-object-array": (CUBE, pickled_cube("object-array")),
+    "cube-pickle": (CUBE, pickled_cube("pickle")),
+}
+
+
+@pytest.mark.parametrize("file, tamper", CACHE_CASES.values(), ids=CACHE_CASES.keys())
+def test_tampered_cache_is_refused_naming_the_file(tiny_ct_cache, tmp_path, file, tamper):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_ct_cache, cache)
+    tamper(cache)
+    with pytest.raises(HaganError) as info:
+        CachedVolumeDataset(cache)
+    assert_one_short_line(str(info.value), file.name, tmp_path)
+    assert not (cache / "UNPICKLED").exists()
+
+
+def test_a_path_out_of_the_cache_is_refused_before_it_is_opened(tiny_ct_cache, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_ct_cache, cache)
+    edit_json(MANIFEST, set_entry("file", "../../etc/passwd", index=2))(cache)
+    assert main(["train", "--data", str(cache), "--out", str(tmp_path / "run"), "--size", "32"]) == 2
+    err = error_line(capsys)
+    assert err.endswith("manifest.json: entry 2 file '../../etc/passwd' leads outside the cache; a cache names "
+                        "its files relative to itself; run `hagan preprocess` again")
+    assert_one_short_line(err, "manifest.json", tmp_path)
 
 
 # ----- counts ---------------------------------------------------------------------------------------------
