@@ -573,3 +573,48 @@ def loaded(trained):
 def test_run_api_refuses_bad_counts(loaded, call, message):
     with pytest.raises(HaganError, match=message):
         call(loaded)
+
+
+COUNT_ARGUMENTS = [
+    (["generate", "RUN", "--out", "o"], "--n", "-3"),
+    (["generate", "RUN", "--out", "o"], "--n", "0"),
+    (["generate", "RUN", "--out", "o"], "--n", "many"),
+    (["generate", "RUN", "--out", "o"], "--batch-size", "0"),
+    (["generate", "RUN", "--out", "o"], "--tile-depth", "-1"),
+    (["generate", "RUN", "--out", "o"], "--seed", "-1"),
+    (["generate", "RUN", "--out", "o"], "--seed", str(2**64)),
+    (["generate", "RUN", "--out", "o"], "--class", "-1"),
+    (["reconstruct", "RUN", "v.nii.gz", "--out", "o"], "--class", "-2"),
+    (["evaluate", "--real", "r", "--fake", "f", "--out", "o"], "--n", "0"),
+    (["evaluate", "--real", "r", "--fake", "f", "--out", "o"], "--batch-size", "-1"),
+    (["evaluate", "--real", "r", "--fake", "f", "--out", "o"], "--ms-ssim-volumes", "0"),
+    (["evaluate", "--real", "r", "--fake", "f", "--out", "o"], "--slices", "0"),
+    (["bench"], "--iterations", "0"),
+    (["bench"], "--batch-sizes", "0"),
+    (["bench"], "--generate-batch", "0"),
+    (["bench"], "--warmup", "-1"),
+    (["bench"], "--threads", "0"),
+    (["demo"], "--n", "0"),
+    (["phantoms", "out"], "--n", "-1"),
+    (["translate", "RUN", "v.nii.gz", "--out", "o"], "--batch-size", "0"),
+    (["experiment", "augmentation", "--data", "d", "--out", "o"], "--epochs", "0"),
+    (["experiment", "augmentation", "--data", "d", "--out", "o"], "--batch-size", "0"),
+    (["experiment", "augmentation", "--data", "d", "--out", "o"], "--iterations", "-5"),
+    (["experiment", "augmentation", "--data", "d", "--out", "o"], "--n", "0"),
+    (["experiment", "features", "--data", "d", "--out", "o"], "--folds", "0"),
+    (["experiment", "features", "--data", "d", "--out", "o"], "--image-edge", "-8"),
+    (["experiment", "latent-walk", "--data", "d", "--out", "o"], "--samples", "0"),
+    (["experiment", "latent-walk", "--data", "d", "--out", "o"], "--steps", "-7"),
+    (["experiment", "latent-walk", "--data", "d", "--out", "o"], "--references", "0"),
+]
+
+
+@pytest.mark.parametrize("argv, flag, value", COUNT_ARGUMENTS, ids=[f"{a[0]}{f}={v}" for a, f, v in COUNT_ARGUMENTS])
+def test_count_arguments_are_checked_when_parsed(capsys, argv, flag, value):
+    with pytest.raises(SystemExit) as info:
+        main([*argv, flag, value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert f"argument {flag}: expected a" in last and "Traceback" not in err, err
+    assert ("positive integer" in last or "non-negative integer" in last or "seed" in last), last

@@ -8,6 +8,7 @@ by the limit rather than by the value. Files of runs and caches are read with
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -41,6 +42,34 @@ def short_text(text: str, limit: int = 120) -> str:
     if cut or len(line) > limit:
         line = line[: limit - 3] + "..."
     return line
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for counts that must be at least 1 (``--n``, ``--batch-size``, ...)."""
+    return _bounded_int(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type for counts where 0 means off (``--tile-depth``, ``--warmup``, ...)."""
+    return _bounded_int(text, 0, "a non-negative integer")
+
+
+def seed_int(text: str) -> int:
+    """An argparse type for random seeds: 0 to 2**64 - 1, what torch's generators accept."""
+    value = _bounded_int(text, 0, "a seed from 0 to 2**64 - 1")
+    if value >= 2**64:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to 2**64 - 1, got {short_repr(text, 40)}")
+    return value
+
+
+def _bounded_int(text: str, low: int, expected: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {short_repr(text, 40)}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+    return value
 
 
 def require_count(name: str, value: Any) -> int:
