@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,11 +18,12 @@ from tqdm import tqdm
 
 from .accel import PRECISIONS
 from .checkpoint import list_checkpoints, load_checkpoint
+from .checks import is_int, require_count, short_repr
 from .config import Config, load_yaml
 from .errors import HaganError
-from .io import write_json_atomic, write_volume
+from .io import display_path, write_json_atomic, write_volume
 from .models import GenerativeModel, build_model
-from .train import CONFIG_FILE, GEOMETRY_FILE, pick_device
+from .train import CONFIG_FILE, GEOMETRY_FILE, pick_device, read_geometry
 
 CT_WINDOW = (-1024.0, 600.0)
 SAMPLE_FROM = (None, "ema", "raw")
@@ -41,8 +41,11 @@ def run_config(run_dir: str | os.PathLike) -> Config:
     """A training run's saved configuration, without loading its weights."""
     config_path = Path(run_dir) / CONFIG_FILE
     if not config_path.is_file():
-        raise HaganError(f"{run_dir}: not a training run (no {CONFIG_FILE})")
-    return Config.from_dict(load_yaml(config_path), str(config_path))
+        raise HaganError(f"{display_path(run_dir)}: not a training run (no {CONFIG_FILE})")
+    values = load_yaml(config_path)
+    if not values:
+        raise HaganError(f"{display_path(config_path)}: holds no configuration; not the config of a training run")
+    return Config.from_dict(values, display_path(config_path))
 
 
 class Run:
@@ -69,7 +72,11 @@ class Run:
         if tile_depth < 0:
             raise HaganError(f"tile_depth must not be negative (0: untiled), got {tile_depth}")
         geometry_path = self.run_dir / GEOMETRY_FILE
-        self.geometry = json.loads(geometry_path.read_text()) if geometry_path.is_file() else {}
+        self.geometry = read_geometry(geometry_path) if geometry_path.is_file() else {}
+        for key, configured in (("size", self.config.model.size), ("num_classes", self.config.model.num_classes)):
+            if self.geometry and self.geometry[key] != configured:
+                raise HaganError(f"{display_path(geometry_path)}: {key} {self.geometry[key]} differs from the run's "
+                                 f"model.{key} {configured} in {CONFIG_FILE}")
         self.device = pick_device(device)
         self.model: GenerativeModel = build_model(self.config)
         if checkpoint is None:
@@ -79,7 +86,7 @@ class Run:
             checkpoint = found[-1]
         self.checkpoint = Path(checkpoint)
         state = load_checkpoint(self.checkpoint, self.model, None, None, allow_pickle=allow_pickle)
-        self.iteration = int(state["iteration"])
+        self.iteration = state["iteration"]
         self.model.to(self.device).eval()
         self.model.tile_depth = tile_depth
         has_ema = getattr(self.model, "ema", None) is not None
@@ -110,11 +117,13 @@ class Run:
             raise HaganError(f"{self.run_dir}: this model is class-conditional; pass a class in 0..{classes - 1}")
         values = [labels] * n if isinstance(labels, int) else list(labels)
         if len(values) != n or any(not 0 <= v < classes for v in values):
-            raise HaganError(f"class labels must be {n} values in 0..{classes - 1}, got {labels}")
+            raise HaganError(f"class labels must be {n} values in 0..{classes - 1}, got {short_repr(labels)}")
         return torch.tensor(values)
 
     def latents(self, n: int, seed: int = 0) -> torch.Tensor:
         """The ``n`` latents that ``generate(n, seed)`` decodes, drawn on the CPU so a seed means the same everywhere."""
+        if not is_int(seed) or not -(2**63) <= seed < 2**64:
+            raise HaganError(f"seed must be an integer from -2**63 to 2**64 - 1, got {short_repr(seed)}")
         return torch.randn(n, self.config.model.latent_dim, generator=torch.Generator().manual_seed(seed))
 
     @torch.no_grad()
@@ -122,6 +131,7 @@ class Run:
         self, z: torch.Tensor, labels: int | Sequence[int] | None = None, batch_size: int = 1, progress: bool = False
     ) -> Iterator[torch.Tensor]:
         """Full volumes (b, 1, S, S, S) on the CPU from latents ``z``, ``batch_size`` at a time."""
+        batch_size = require_count("batch_size", batch_size)
         label_tensor = self._labels(len(z), labels)
         for begin in tqdm(range(0, len(z), batch_size), desc="generate", unit="batch", disable=not progress):
             chunk_labels = label_tensor[begin : begin + batch_size] if label_tensor is not None else None
@@ -131,7 +141,9 @@ class Run:
         self, n: int, seed: int = 0, labels: int | Sequence[int] | None = None, batch_size: int = 1, progress: bool = False
     ) -> np.ndarray:
         """``n`` volumes (n, S, S, S) in [-1, 1]; the same seed gives the same volumes on any device."""
-        return torch.cat(list(self.decode_batches(self.latents(n, seed), labels, batch_size, progress)))[:, 0].numpy()
+        n = require_count("n", n)
+        z = self.latents(n, seed)
+        return self._finite(torch.cat(list(self.decode_batches(z, labels, batch_size, progress)))[:, 0].numpy())
 
     @property
     def generates_label_maps(self) -> bool:
@@ -146,13 +158,14 @@ class Run:
         if not self.generates_label_maps:
             raise HaganError(f"{self.run_dir}: model {self.config.model.name!r} generates no label maps "
                              "(only the progressive GAN with progressive.segmentation_labels > 0 does)")
+        n, batch_size = require_count("n", n), require_count("batch_size", batch_size)
         z = self.latents(n, seed)
         images, maps = [], []
         for begin in tqdm(range(0, n, batch_size), desc="generate", unit="batch", disable=not progress):
             image, label_map = self.model.decode_with_segmentation(z[begin : begin + batch_size])
             images.append(image.float().cpu())
             maps.append(label_map.cpu())
-        return torch.cat(images)[:, 0].numpy(), torch.cat(maps)[:, 0].numpy().astype(np.int16)
+        return self._finite(torch.cat(images)[:, 0].numpy()), torch.cat(maps)[:, 0].numpy().astype(np.int16)
 
     def _as_batch(self, volumes: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(volumes, dtype=np.float32))
@@ -167,6 +180,7 @@ class Run:
         """Latent codes (n, latent_dim) of preprocessed volumes (n, S, S, S) in [-1, 1]."""
         if not hasattr(self.model, "encode"):
             raise HaganError(f"model {self.config.model.name!r} has no encoder")
+        batch_size = require_count("batch_size", batch_size)
         x = self._as_batch(volumes)
         try:
             return torch.cat([self.model.encode(x[i : i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)]).numpy()
@@ -178,10 +192,21 @@ class Run:
     ) -> np.ndarray:
         """Volumes regenerated from their own latent codes (the encoder's round trip)."""
         z = torch.as_tensor(self.encode(volumes, batch_size))
-        return torch.cat(list(self.decode_batches(z, labels, batch_size)))[:, 0].numpy()
+        return self._finite(torch.cat(list(self.decode_batches(z, labels, batch_size)))[:, 0].numpy())
+
+    def _finite(self, volumes: np.ndarray) -> np.ndarray:
+        """The generator's output, or an error if it holds NaN or Inf: finite weights can still overflow,
+        and a NaN volume written as NIfTI (or cast to CT's int16) looks like data."""
+        bad = np.flatnonzero(~np.isfinite(volumes.reshape(len(volumes), -1)).all(axis=1))
+        if len(bad):
+            raise HaganError(f"{display_path(self.checkpoint)}: the generator produced NaN or Inf in {len(bad)} of "
+                             f"{len(volumes)} volumes (first: volume {bad[0]}); nothing written")
+        return volumes
 
     def save(self, volumes: np.ndarray, out_dir: str | os.PathLike, prefix: str = "sample") -> list[Path]:
         """Write each volume as NIfTI with the training geometry and the recipe's intensity units."""
+        if not np.isfinite(volumes).all():
+            raise HaganError(f"{display_path(out_dir)}: refusing to write volumes that hold NaN or Inf")
         out = Path(out_dir)
         recipe = self.geometry.get("recipe", "")
         return [

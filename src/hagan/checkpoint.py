@@ -23,7 +23,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .checks import is_int, read_json_object, short_repr, short_text
 from .errors import HaganError
+from .io import display_path
 
 WEIGHTS = "weights.safetensors"
 TRAINING_STATE = "training_state.safetensors"
@@ -88,13 +90,51 @@ def _flatten_optimizer(name: str, optimizer: torch.optim.Optimizer) -> tuple[dic
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+def _unflatten_optimizer(
+    path: Path, name: str, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: Any
+) -> dict[str, Any]:
+    """The state dict of optimizer ``name`` from a training state, checked against ``optimizer`` so that a
+    tampered file fails here, naming the file, rather than at the first step."""
+    where = display_path(path)
+    if not (isinstance(meta, dict) and isinstance(meta.get("param_groups"), list)
+            and isinstance(meta.get("scalars"), dict)):
+        raise HaganError(f"{where}: optimizer {name!r} lacks its param_groups and scalars")
+    groups = meta["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise HaganError(f"{where}: optimizer {name!r} has {len(groups)} parameter groups, the model's has "
+                         f"{len(optimizer.param_groups)}; the state does not belong to this configuration")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for saved, own in zip(groups, optimizer.param_groups):
+        if not (isinstance(saved, dict) and isinstance(saved.get("params"), list)
+                and len(saved["params"]) == len(own["params"])):
+            raise HaganError(f"{where}: optimizer {name!r}: a parameter group does not match the model's")
+        if not all(is_int(i) and 0 <= i < len(params) for i in saved["params"]):
+            raise HaganError(f"{where}: optimizer {name!r}: parameter indices out of range")
+        for key in ("lr", "eps", "weight_decay"):
+            if key in saved and not _finite_number(saved[key], low=0.0):
+                raise HaganError(f"{where}: optimizer {name!r}: {key} is {short_repr(saved[key])}, not a number >= 0")
+        betas = saved.get("betas", (0.0, 0.0))
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2
+                and all(_finite_number(b, 0.0, 1.0) for b in betas)):
+            raise HaganError(f"{where}: optimizer {name!r}: betas is {short_repr(betas)}, not two numbers in [0, 1)")
     state: dict[int, dict[str, Any]] = {}
     for slot, value in list(tensors.items()) + list(meta["scalars"].items()):
-        if slot.startswith(f"{name}/"):
-            _, index, key = slot.split("/", 2)
-            state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+        if not slot.startswith(f"{name}/"):
+            continue
+        parts = slot.split("/", 2)
+        if len(parts) != 3 or not parts[1].isascii() or not parts[1].isdigit() or int(parts[1]) >= len(params):
+            raise HaganError(f"{where}: optimizer slot {short_repr(slot)} names no parameter of the model")
+        index, key = int(parts[1]), parts[2]
+        if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != tuple(params[index].shape):
+            raise HaganError(f"{where}: optimizer slot {slot} has shape {tuple(value.shape)}, "
+                             f"its parameter {tuple(params[index].shape)}")
+        state.setdefault(index, {})[key] = value
+    return {"state": state, "param_groups": groups}
+
+
+def _finite_number(value: Any, low: float, high: float = float("inf")) -> bool:
+    """True for an int or float in [low, high); never for NaN or Inf."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value < high
 
 
 def save_checkpoint(
@@ -172,7 +212,21 @@ def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tens
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as err:
-        raise HaganError(f"{path}: cannot read weights ({err})") from err
+        raise HaganError(f"{display_path(path)}: cannot read weights ({short_text(str(err))})") from err
+
+
+def check_finite(path: Path, tensors: dict[str, torch.Tensor], order: list[str] | None = None) -> None:
+    """Refuse NaN or Inf in any floating-point tensor (weights, EMA copies, spectral-norm vectors,
+    optimizer moments), naming the first in ``order`` (default: the file's): they would load silently
+    and generate all-NaN volumes."""
+    for key in order if order is not None else list(tensors):
+        tensor = tensors[key]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            raise HaganError(
+                f"{display_path(path)}: tensor {short_text(key, 80)} holds non-finite values ({nan} NaN, {inf} Inf "
+                f"of {tensor.numel()}); the file is damaged or comes from a diverged run"
+            )
 
 
 def load_weights(model: nn.Module, path: Path, allow_pickle: bool = False) -> None:
@@ -191,7 +245,9 @@ def load_weights(model: nn.Module, path: Path, allow_pickle: bool = False) -> No
             )
     unexpected = sorted(set(weights) - set(expected))
     if unexpected:
-        raise HaganError(f"{path}: unexpected tensor {unexpected[0]}; the weights do not belong to this configuration")
+        raise HaganError(f"{path}: unexpected tensor {short_text(unexpected[0], 80)}; "
+                         "the weights do not belong to this configuration")
+    check_finite(path, weights, list(expected))
     model.load_state_dict(weights)
 
 
@@ -215,20 +271,80 @@ def load_checkpoint(
         return {"iteration": 0}
     if not checkpoint.is_dir():
         raise HaganError(f"{checkpoint}: no such checkpoint")
-    for name in (WEIGHTS, STATE):
+    for name in (WEIGHTS, STATE) if optimizers is None and rng is None else (WEIGHTS, STATE, TRAINING_STATE):
         if not (checkpoint / name).is_file():
             raise HaganError(f"{checkpoint}: not a complete checkpoint (no {name})")
     load_weights(model, checkpoint / WEIGHTS)
-    try:
-        state = json.loads((checkpoint / STATE).read_text())
-    except (OSError, ValueError) as err:
-        raise HaganError(f"{checkpoint / STATE}: unreadable ({err})") from err
+    state = read_state(checkpoint / STATE)
     if optimizers is not None or rng is not None:
-        tensors = load_file(str(checkpoint / TRAINING_STATE))
-        with safe_open(str(checkpoint / TRAINING_STATE), "pt") as handle:
-            meta = json.loads(handle.metadata()["optimizers"])
+        tensors, meta = read_training_state(checkpoint / TRAINING_STATE)
         for name, optimizer in (optimizers or {}).items():
-            optimizer.load_state_dict(_unflatten_optimizer(name, tensors, meta[name]))
+            if name not in meta:
+                raise HaganError(f"{display_path(checkpoint / TRAINING_STATE)}: no state for optimizer {name!r}; "
+                                 "the state does not belong to this configuration")
+            restored = _unflatten_optimizer(checkpoint / TRAINING_STATE, name, optimizer, tensors, meta[name])
+            try:
+                optimizer.load_state_dict(restored)
+            except (ValueError, KeyError, TypeError, RuntimeError) as err:
+                raise HaganError(f"{display_path(checkpoint / TRAINING_STATE)}: optimizer {name!r} does not fit the "
+                                 f"model ({short_text(str(err))})") from err
         if rng is not None:
-            rng.set_state(tensors["rng"])
+            try:
+                rng.set_state(tensors["rng"])
+            except (KeyError, RuntimeError, TypeError) as err:
+                raise HaganError(f"{display_path(checkpoint / TRAINING_STATE)}: no usable random-generator state "
+                                 "(tensor rng missing or of the wrong size)") from err
     return state
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``state.json``, its known fields checked: the iteration, the data loader's place,
+    the rollback count and learning-rate scale, the model's extra state."""
+    state = read_json_object(path)
+    where = display_path(path)
+    rules = {
+        "iteration": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+        "rollbacks": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+        "world_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+        "lr_scale": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
+        "extra": (lambda v: isinstance(v, dict), "an object"),
+        "loader": (lambda v: isinstance(v, dict), "an object"),
+    }
+    if "iteration" not in state:
+        raise HaganError(f"{where}: no iteration; not a checkpoint's state")
+    for key, (valid, expected) in rules.items():
+        if key in state and not valid(state[key]):
+            raise HaganError(f"{where}: {key} must be {expected}, got {short_repr(state[key])}")
+    loader = state.get("loader")
+    if loader is not None:
+        for key in ("epoch", "position"):
+            if not (is_int(loader.get(key)) and loader[key] >= 0):
+                raise HaganError(f"{where}: loader.{key} must be an integer >= 0, got {short_repr(loader.get(key))}")
+        for key in ("seed", "batch_size"):
+            if key in loader and not is_int(loader[key]):
+                raise HaganError(f"{where}: loader.{key} must be an integer, got {short_repr(loader[key])}")
+    return state
+
+
+def read_training_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors of ``training_state.safetensors`` (optimizer moments, the random generator) and its
+    optimizer metadata, refusing a truncated file, missing metadata and non-finite moments."""
+    where = display_path(path)
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise HaganError(f"{where}: cannot read the training state ({short_text(str(err))})") from err
+    if "optimizers" not in metadata:
+        raise HaganError(f"{where}: no optimizer metadata; not a hagan training state")
+    try:
+        meta = json.loads(metadata["optimizers"])
+    except (ValueError, RecursionError) as err:
+        raise HaganError(f"{where}: optimizer metadata is not valid JSON") from err
+    if not isinstance(meta, dict):
+        raise HaganError(f"{where}: optimizer metadata must be an object, got {type(meta).__name__}")
+    if "rng" in tensors and (tensors["rng"].dtype != torch.uint8 or tensors["rng"].dim() != 1):
+        raise HaganError(f"{where}: tensor rng must be a 1-D uint8 random-generator state")
+    check_finite(path, tensors)
+    return tensors, meta

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .checks import non_negative_int, positive_int, seed_int
 from .config import MODEL_PRESETS, PRESETS, build_config, parse_assignment
 from .errors import HaganError, VolumeError, printable
 from .io import display_path
@@ -276,16 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="phantoms -> preprocess -> train a small HA-GAN on CPU -> generate")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--kind", default="thorax-ct", choices=["thorax-ct", "brain-mri"])
-    p.add_argument("--n", type=int, default=48, help="number of phantoms")
-    p.add_argument("--iterations", type=int, default=None, help="training iterations (default: the demo preset's)")
+    p.add_argument("--n", type=positive_int, default=48, help="number of phantoms")
+    p.add_argument("--iterations", type=positive_int, default=None, help="training iterations (default: the demo preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("phantoms", help="write procedural phantoms with ground-truth attributes")
     p.add_argument("out")
     p.add_argument("--kind", default="thorax-ct", choices=["thorax-ct", "brain-mri"])
-    p.add_argument("--n", type=int, default=16)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--n", type=positive_int, default=16)
+    p.add_argument("--size", type=positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_phantoms)
 
@@ -331,14 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate full-resolution volumes")
     run_args(p)
-    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--n", type=positive_int, default=8, help="volumes to generate")
     p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--class", dest="class_label", type=int, help="class to generate (conditional models)")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--class", dest="class_label", type=non_negative_int, help="class to generate (conditional models)")
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                    help="override the run's train.precision (auto: bf16 on GPUs, float32 on CPU)")
-    p.add_argument("--tile-depth", type=int, default=0,
+    p.add_argument("--tile-depth", type=non_negative_int, default=0,
                    help="G^H over depth tiles of this many feature slices: the same volume in less memory (0: untiled below 512^3)")
     p.add_argument("--label-maps", action="store_true",
                    help="also write the label maps generated with each volume (progressive GAN with label channels)")
@@ -356,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_args(p)
     p.add_argument("volumes", nargs="+")
     p.add_argument("--out", required=True)
-    p.add_argument("--class", dest="class_label", type=int)
+    p.add_argument("--class", dest="class_label", type=non_negative_int)
     p.set_defaults(func=cmd_reconstruct)
 
     from .evaluation import FEATURES
@@ -366,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real", required=True, help="cache folder, folder of volumes, or stats .npz from --save-stats")
     p.add_argument("--fake", required=True, help="folder of generated volumes, or a training run")
     p.add_argument("--out", required=True, help="folder for metrics.json, metrics.md and figures")
-    p.add_argument("--n", type=int, help="generated volumes to use (default: the real set's size for a run)")
+    p.add_argument("--n", type=positive_int, help="generated volumes to use (default: the real set's size for a run)")
     p.add_argument("--features", nargs="+", default=["deepbet"], choices=sorted(FEATURES))
     p.add_argument("--weights", action="append", metavar="[FEATURE=]PATH", help="feature-network weights file")
     p.add_argument("--allow-unknown-weights", action="store_true", help="accept weights whose sha256 is unpublished")
@@ -375,12 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=FIT_MODES, help="fit mode for a folder of raw real volumes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=positive_int, default=2)
     p.add_argument("--fid-method", choices=["sqrtm", "eigh"], default="sqrtm")
-    p.add_argument("--class", dest="class_label", type=int, help="class to generate from a conditional run")
-    p.add_argument("--ms-ssim-volumes", type=int, default=50)
-    p.add_argument("--ms-ssim-pairs", type=int, default=500)
-    p.add_argument("--slices", type=int, default=16, help="slices per plane for inception-2.5d")
+    p.add_argument("--class", dest="class_label", type=non_negative_int, help="class to generate from a conditional run")
+    p.add_argument("--ms-ssim-volumes", type=positive_int, default=50)
+    p.add_argument("--ms-ssim-pairs", type=positive_int, default=500)
+    p.add_argument("--slices", type=positive_int, default=16, help="slices per plane for inception-2.5d")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("embedding", help="MDS figure of real and several generated sets (the paper's Fig. 4)")
@@ -393,18 +394,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="training memory and speed, generation time, per resolution and batch size")
     p.add_argument("--models", nargs="+", default=["hagan"])
     p.add_argument("--sizes", nargs="+", type=int, default=[32, 64, 128], choices=[32, 64, 128, 256, 512])
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[2, 4])
+    p.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[2, 4])
     p.add_argument("--device", default="auto")
-    p.add_argument("--iterations", type=int, default=5, help="timed training iterations per configuration")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--generate-batch", type=int, default=1)
+    p.add_argument("--iterations", type=positive_int, default=5, help="timed training iterations per configuration")
+    p.add_argument("--warmup", type=non_negative_int, default=2)
+    p.add_argument("--generate-batch", type=positive_int, default=1)
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1 = the paper's)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override any config value")
     p.add_argument("--max-seconds", type=float, default=600, help="time limit per phase (0: none)")
     p.add_argument("--memory-limit-gb", type=float, help="skip configurations predicted above this (CPU default: 90%% of free RAM)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--no-isolate", action="store_true", help="measure in this process instead of fresh ones")
-    p.add_argument("--tile-depth", type=int, default=0, help="generate with G^H over depth tiles (0: untiled below 512^3)")
+    p.add_argument("--tile-depth", type=non_negative_int, default=0, help="generate with G^H over depth tiles (0: untiled below 512^3)")
     p.add_argument("--out", help="folder for bench.json and bench.png")
     p.add_argument("--json", action="store_true", help="print rows as JSON")
     p.set_defaults(func=cmd_bench)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,8 +13,9 @@ from typing import Any
 import yaml
 
 from .accel import PRECISIONS
+from .checks import short_repr, short_text
 from .errors import HaganError
-from .io import write_text_atomic
+from .io import display_path, write_text_atomic
 from .sections import baselines as baseline_section, patch as patch_section, progressive as progressive_section
 
 
@@ -172,30 +174,32 @@ def preset(name: str) -> dict[str, Any]:
 def merge_into(config: Config, values: dict[str, Any], source: str) -> None:
     if not isinstance(values, dict):
         raise HaganError(f"{source}: expected a mapping of sections, got {type(values).__name__}")
+    names = [f.name for f in dataclasses.fields(config)]
     for section_name, section_values in values.items():
-        section = getattr(config, section_name, None)
-        if section is None or not dataclasses.is_dataclass(section):
-            names = ", ".join(f.name for f in dataclasses.fields(config))
-            raise HaganError(f"{source}: unknown section {section_name!r} (sections: {names})")
+        if section_name not in names:
+            raise HaganError(f"{source}: unknown section {short_repr(section_name)} (sections: {', '.join(names)})")
         if not isinstance(section_values, dict):
-            raise HaganError(f"{source}: section {section_name!r} must be a mapping")
+            raise HaganError(f"{source}: section {section_name!r} must be a mapping, "
+                             f"got {type(section_values).__name__}")
         for key, value in section_values.items():
-            set_value(section, section_name, key, value, source)
+            set_value(getattr(config, section_name), section_name, key, value, source)
 
 
 def set_value(section: Any, section_name: str, key: str, value: Any, source: str) -> None:
-    fields = {f.name: f for f in dataclasses.fields(section)}
+    fields = [f.name for f in dataclasses.fields(section)]
     if key not in fields:
-        raise HaganError(f"{source}: unknown key {section_name}.{key} (keys: {', '.join(fields)})")
+        shown = short_text(key, 60) if isinstance(key, str) else short_repr(key)
+        raise HaganError(f"{source}: unknown key {section_name}.{shown} (keys: {', '.join(fields)})")
     expected = type(getattr(section, key))
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if expected is float and isinstance(value, str):
         value = yaml_float(value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise HaganError(
-            f"{source}: {section_name}.{key} must be {expected.__name__}, got {value!r} ({type(value).__name__})"
-        )
+        raise HaganError(f"{source}: {section_name}.{key} must be {expected.__name__}, "
+                         f"got {short_repr(value)} ({type(value).__name__})")
+    if expected is float and not math.isfinite(value):
+        raise HaganError(f"{source}: {section_name}.{key} must be a finite number, got {value}")
     setattr(section, key, value)
 
 
@@ -207,48 +211,105 @@ def yaml_float(text: str) -> float | str:
         return text
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML that refuses aliases (``*name``, also in ``<<: *name``): a config never needs them, and
+    nested aliases let a few hundred bytes stand for billions of values (a "billion laughs" bomb) that
+    anyone who prints or walks the result pays for."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasError(event.anchor, event.start_mark)
+        return super().compose_node(parent, index)
+
+
+class _AliasError(yaml.YAMLError):
+    def __init__(self, anchor: str, mark: Any):
+        super().__init__(f"line {mark.line + 1}: the alias *{short_text(anchor, 40)} is not allowed in a config; "
+                         "write the value out")
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML as plain values, refusing aliases; raises ValueError with one short line."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)
+    except _AliasError as err:
+        raise ValueError(str(err)) from err
+    except yaml.YAMLError as err:
+        raise ValueError(f"not valid YAML ({short_text(str(err))})") from err
+    except RecursionError as err:
+        raise ValueError("not usable YAML (nested too deeply)") from err
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise ValueError(f"not usable YAML ({short_text(str(err))})") from err
+
+
 def parse_assignment(text: str) -> dict[str, Any]:
     """``section.key=value`` from the command line, the value parsed as YAML (so 1e-4, true, 128 work)."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise HaganError(f"--set {text!r}: expected section.key=value, e.g. loss.r1_gamma=1.0")
+        raise HaganError(f"--set {short_repr(text)}: expected section.key=value, e.g. loss.r1_gamma=1.0")
     path, raw = text.split("=", 1)
     section, key = path.split(".", 1)
-    return {section: {key: yaml.safe_load(raw)}}
+    try:
+        value = parse_yaml(raw)
+    except ValueError as err:
+        raise HaganError(f"--set {short_repr(path)}: {err}") from err
+    return {section: {key: value}}
+
+
+# the numeric keys of the core sections and the values they take; the sections of the other models
+# check their own (``problems()``), and every float key of every section must be finite
+AT_LEAST_ONE = ("model.latent_dim", "optim.batch_size", "train.iterations", "train.log_every", "train.sample_every",
+                "train.checkpoint_every", "train.keep_checkpoints", "loss.r1_every")
+POSITIVE = ("model.width", "optim.lr_g", "optim.lr_d", "optim.lr_e", "loss.ada_kimg")
+# 0 switches a term or a feature off (a loss weight, R1, EMA, the time limit, periodic KID, rollbacks)
+NOT_NEGATIVE = ("model.num_classes", "loss.lambda_recon_slab", "loss.lambda_recon_global", "loss.lambda_class",
+                "loss.gp_lambda", "loss.weight_high", "loss.weight_low", "loss.r1_gamma", "loss.r1_per_voxel",
+                "loss.lambda_recon_generator", "loss.lambda_latent_prior", "train.seed", "train.max_minutes",
+                "train.eval_every", "train.max_rollbacks", "train.ema_kimg", "train.ema_rampup")
+BELOW_ONE = ("optim.beta1", "optim.beta2", "loss.ada_target")  # in [0, 1)
+
+
+def range_problems(config: Config) -> list[str]:
+    """Numbers outside the range their key allows, and non-finite floats anywhere in the config."""
+    def value(name: str) -> Any:
+        section, key = name.split(".")
+        return getattr(getattr(config, section), key)
+
+    problems = []
+    for section_field in dataclasses.fields(config):
+        section = getattr(config, section_field.name)
+        for f in dataclasses.fields(section):
+            number = getattr(section, f.name)
+            if isinstance(number, float) and not math.isfinite(number):
+                problems.append(f"{section_field.name}.{f.name} must be a finite number, got {number}")
+    problems += [f"{n} must be at least 1, got {value(n)}" for n in AT_LEAST_ONE if value(n) < 1]
+    problems += [f"{n} must be positive, got {value(n)}" for n in POSITIVE if not value(n) > 0]
+    problems += [f"{n} must not be negative, got {value(n)}" for n in NOT_NEGATIVE if value(n) < 0]
+    problems += [f"{n} must lie in [0, 1), got {value(n)}" for n in BELOW_ONE if not 0 <= value(n) < 1]
+    return problems
 
 
 def validate(config: Config, source: str = "config") -> None:
-    m, loss, o, t = config.model, config.loss, config.optim, config.train
-    problems = []
+    m, loss, t = config.model, config.loss, config.train
+    problems = range_problems(config)
     if m.size not in (32, 64, 128, 256, 512):
         problems.append(f"model.size must be a power of two from 32 to 512, got {m.size}")
     if m.r_sampling not in ("random", "deterministic"):
-        problems.append(f"model.r_sampling must be 'random' or 'deterministic', got {m.r_sampling!r}")
+        problems.append(f"model.r_sampling must be 'random' or 'deterministic', got {short_repr(m.r_sampling)}")
     if loss.kind not in ("bce", "wgan-gp"):
-        problems.append(f"loss.kind must be 'bce' or 'wgan-gp', got {loss.kind!r}")
-    for name, value in (("model.latent_dim", m.latent_dim), ("optim.batch_size", o.batch_size),
-                        ("train.iterations", t.iterations), ("train.log_every", t.log_every),
-                        ("train.sample_every", t.sample_every), ("train.checkpoint_every", t.checkpoint_every),
-                        ("train.keep_checkpoints", t.keep_checkpoints)):
-        if value < 1:
-            problems.append(f"{name} must be at least 1, got {value}")
-    if m.width <= 0 or m.num_classes < 0:
-        problems.append("model.width must be positive and model.num_classes not negative")
-    if t.eval_every < 0 or (t.eval_every and t.eval_samples < 2):
-        problems.append("train.eval_every must not be negative (0: off) and train.eval_samples at least 2")
-    if t.max_minutes < 0:
-        problems.append(f"train.max_minutes must not be negative (0 means no limit), got {t.max_minutes}")
-    if not 0 <= loss.diffaug_p <= 1 or not 0 <= loss.ada_target < 1:
-        problems.append("loss.diffaug_p must lie in [0, 1] and loss.ada_target in [0, 1)")
+        problems.append(f"loss.kind must be 'bce' or 'wgan-gp', got {short_repr(loss.kind)}")
+    if t.eval_samples < 2:
+        problems.append(f"train.eval_samples must be at least 2, got {t.eval_samples}")
+    if not 0 <= loss.diffaug_p <= 1:
+        problems.append(f"loss.diffaug_p must lie in [0, 1], got {loss.diffaug_p}")
     if t.on_divergence not in ("stop", "rollback"):
-        problems.append(f"train.on_divergence must be 'stop' or 'rollback', got {t.on_divergence!r}")
+        problems.append(f"train.on_divergence must be 'stop' or 'rollback', got {short_repr(t.on_divergence)}")
     if not 0 < t.rollback_lr_factor < 1:
         problems.append(f"train.rollback_lr_factor must lie in (0, 1), got {t.rollback_lr_factor}")
     if t.precision not in PRECISIONS:
-        problems.append(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+        problems.append(f"train.precision must be one of {', '.join(PRECISIONS)}, got {short_repr(t.precision)}")
     if config.data.workers < -1:
         problems.append(f"data.workers must be -1 (auto), 0 (load in the training process) or more, got {config.data.workers}")
-    if t.max_rollbacks < 0:
-        problems.append(f"train.max_rollbacks must not be negative, got {t.max_rollbacks}")
     problems += hagan_problems(config)
     for name in ("patch", "progressive", "baseline"):
         problems += [f"{name}.{problem}" for problem in getattr(config, name).problems()]
@@ -261,22 +322,13 @@ def hagan_problems(config: Config) -> list[str]:
     m, loss, t = config.model, config.loss, config.train
     problems = []
     if m.upsample not in ("nearest", "trilinear"):
-        problems.append(f"model.upsample must be 'nearest' or 'trilinear', got {m.upsample!r}")
+        problems.append(f"model.upsample must be 'nearest' or 'trilinear', got {short_repr(m.upsample)}")
     if m.upsample == "trilinear" and not m.consistent_slabs:
         problems.append("model.upsample: trilinear needs model.consistent_slabs: true (the paper's G^H is nearest only)")
     if loss.disc_losses not in ("averaged", "separate"):
-        problems.append(f"loss.disc_losses must be 'averaged' or 'separate', got {loss.disc_losses!r}")
-    negative = [name for name, value in (
-        ("loss.weight_high", loss.weight_high), ("loss.weight_low", loss.weight_low),
-        ("loss.r1_gamma", loss.r1_gamma), ("loss.r1_per_voxel", loss.r1_per_voxel),
-        ("loss.lambda_recon_generator", loss.lambda_recon_generator),
-        ("loss.lambda_latent_prior", loss.lambda_latent_prior),
-        ("train.ema_kimg", t.ema_kimg), ("train.ema_rampup", t.ema_rampup)) if value < 0]
-    problems += [f"{name} must not be negative" for name in negative]
+        problems.append(f"loss.disc_losses must be 'averaged' or 'separate', got {short_repr(loss.disc_losses)}")
     if loss.r1_gamma > 0 and loss.r1_per_voxel > 0:
         problems.append("set loss.r1_gamma (a fixed gamma) or loss.r1_per_voxel (gamma from the voxels per batch), not both")
-    if loss.r1_every < 1:
-        problems.append(f"loss.r1_every must be at least 1 (1: R1 at every step), got {loss.r1_every}")
     if (loss.lambda_recon_generator > 0 or loss.lambda_latent_prior > 0) and not m.encoder:
         problems.append("loss.lambda_recon_generator and loss.lambda_latent_prior train through the encoders; "
                         "they need model.encoder: true")
@@ -286,7 +338,7 @@ def hagan_problems(config: Config) -> list[str]:
             ("loss.disc_losses", loss.disc_losses != "averaged"),
             ("loss.r1_per_voxel", loss.r1_per_voxel > 0), ("loss.lambda_recon_generator", loss.lambda_recon_generator > 0),
             ("loss.lambda_latent_prior", loss.lambda_latent_prior > 0), ("train.ema_kimg", t.ema_kimg > 0)) if on]
-        problems += [f"{name} is an HA-GAN option; model {m.name!r} does not use it" for name in hagan_only]
+        problems += [f"{name} is an HA-GAN option; model {short_repr(m.name)} does not use it" for name in hagan_only]
     return problems
 
 
@@ -302,13 +354,21 @@ def check_world_size(config: Config, world_size: int) -> None:
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML config file as a mapping of sections (empty: none), refusing aliases (see ``parse_yaml``)."""
     path = Path(path)
+    where = display_path(path)
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = parse_yaml(path.read_bytes().decode("utf-8"))
     except OSError as err:
-        raise HaganError(f"{path}: cannot read config ({err.strerror})") from err
-    except yaml.YAMLError as err:
-        raise HaganError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+        raise HaganError(f"{where}: cannot read config ({err.strerror})") from err
+    except UnicodeDecodeError as err:
+        raise HaganError(f"{where}: not a YAML config (not UTF-8 text at byte {err.start})") from err
+    except ValueError as err:
+        raise HaganError(f"{where}: {err}") from err
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise HaganError(f"{where}: expected a mapping of sections, got {type(values).__name__}")
     return values
 
 
@@ -321,13 +381,19 @@ def build_config(
     yaml_path: str | os.PathLike | None = None,
     overrides: list[dict[str, Any]] | None = None,
 ) -> Config:
-    """Defaults, then the preset, then the YAML file, then command-line overrides: later wins."""
+    """Defaults, then the preset, then the YAML file, then command-line overrides: later wins. A value
+    out of range is reported with the sources it may have come from."""
     config = Config()
+    sources = []
     if preset_name:
-        merge_into(config, preset(preset_name), f"preset {preset_name}")
+        sources.append(f"preset {preset_name}")
+        merge_into(config, preset(preset_name), sources[-1])
     if yaml_path:
-        merge_into(config, load_yaml(yaml_path), str(yaml_path))
+        sources.append(display_path(yaml_path))
+        merge_into(config, load_yaml(yaml_path), sources[-1])
     for override in overrides or []:
         merge_into(config, override, "command line")
-    validate(config)
+    if overrides:
+        sources.append("command line")
+    validate(config, " + ".join(sources) or "config")
     return config

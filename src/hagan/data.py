@@ -2,36 +2,114 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from hagan.checks import affine_problem, is_int, read_json_object, short_repr, short_text
 from hagan.errors import HaganError
-from hagan.preprocess import CACHE_FORMAT
+from hagan.io import display_path
+from hagan.preprocess import CACHE_FORMAT, FIT_MODES, RECIPES
 
 
 def load_manifest(cache_dir: str | os.PathLike) -> dict:
-    """The cache's manifest, or a HaganError telling the user how to make one."""
+    """The cache's manifest, every field the library reads checked, or a HaganError naming the file."""
     cache_dir = Path(cache_dir)
     manifest_path = cache_dir / "manifest.json"
     if not manifest_path.is_file():
         raise HaganError(
-            f"{cache_dir}: not a hagan cache (no manifest.json); run `hagan preprocess` to create one"
+            f"{display_path(cache_dir)}: not a hagan cache (no manifest.json); run `hagan preprocess` to create one"
         )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise HaganError(
-            f"{manifest_path}: unreadable manifest ({exc}); run `hagan preprocess` again"
-        ) from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
-        raise HaganError(f"{cache_dir}: not a {CACHE_FORMAT} cache; run `hagan preprocess` to create one")
+    manifest = read_json_object(manifest_path)
+    if manifest.get("format") != CACHE_FORMAT:
+        raise HaganError(f"{display_path(manifest_path)}: format is {short_repr(manifest.get('format'))}, not "
+                         f"{CACHE_FORMAT!r}; run `hagan preprocess` to create the cache")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise HaganError(f"{display_path(manifest_path)}: {problem}; run `hagan preprocess` again")
     return manifest
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with a manifest of the current format, or None."""
+    for key in ("recipe", "mode", "size", "num_classes", "entries", "reference_affine"):
+        if key not in manifest:
+            return f"lacks {key}"
+    if not isinstance(manifest["recipe"], str) or manifest["recipe"] not in RECIPES:
+        return f"recipe must be one of {', '.join(RECIPES)}, got {short_repr(manifest['recipe'])}"
+    if manifest["mode"] not in FIT_MODES:
+        return f"mode must be one of {', '.join(FIT_MODES)}, got {short_repr(manifest['mode'])}"
+    for key, low in (("size", 1), ("num_classes", 0), ("segmentation_labels", 0)):
+        if key in manifest and not (is_int(manifest[key]) and manifest[key] >= low):
+            return f"{key} must be an integer >= {low}, got {short_repr(manifest[key])}"
+    affine = affine_problem(manifest["reference_affine"])
+    if affine:
+        return f"reference_affine {affine}"
+    entries = manifest["entries"]
+    if not isinstance(entries, list) or not entries:
+        return f"entries must be a non-empty list, got {short_repr(entries)}"
+    for i, entry in enumerate(entries):
+        problem = _entry_problem(entry, manifest["num_classes"])
+        if problem:
+            return f"entry {i} {problem}"
+    return None
+
+
+def _entry_problem(entry: Any, num_classes: int) -> str | None:
+    if not isinstance(entry, dict):
+        return f"must be an object, got {short_repr(entry)}"
+    for key in ("name", "file", "label"):
+        if key not in entry:
+            return f"lacks {key}"
+    if not isinstance(entry["name"], str):
+        return f"name must be a string, got {short_repr(entry['name'])}"
+    label = entry["label"]
+    if not is_int(label) or not -1 <= label < num_classes:
+        return f"label must be an integer from -1 (unknown) to num_classes - 1 = {num_classes - 1}, got {short_repr(label)}"
+    for key in ("file", "segmentation"):
+        if key in entry:
+            problem = _relative_path_problem(entry[key])
+            if problem:
+                return f"{key} {problem}"
+    return None
+
+
+def _relative_path_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be a file of the cache: a cache names its files relative to itself, so an
+    absolute path or a ``..`` that climbs out (``../../etc/passwd``) is refused before anything is opened."""
+    if not isinstance(value, str) or not value:
+        return f"must be a path inside the cache, got {short_repr(value)}"
+    if "\0" in value or os.path.isabs(value) or ".." in PurePosixPath(value).parts:
+        return f"{short_repr(value)} leads outside the cache; a cache names its files relative to itself"
+    return None
+
+
+def check_cube_file(path: Path, size: int, kind: str) -> None:
+    """A cached ``.npy`` cube: readable without unpickling, ``size``^3, of numbers (``kind``: ``"image"``,
+    floats; ``"segmentation"``, integers). Reads the header and maps the data; copies nothing."""
+    where = display_path(path)
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError as err:
+        raise HaganError(f"{where}: missing; the cache is incomplete, run `hagan preprocess` again") from err
+    except (OSError, ValueError, EOFError) as err:
+        if "pickle" in str(err) or "Python objects" in str(err):
+            raise HaganError(f"{where}: holds pickled Python objects, not a plain array; refusing to unpickle "
+                             "(a pickle can run arbitrary code)") from err
+        raise HaganError(f"{where}: not a readable .npy cube ({short_text(str(err), 80)})") from err
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise HaganError(f"{where}: an .npz archive, not an .npy cube")
+    kinds, wanted = ("f", "floating-point") if kind == "image" else ("iub", "integer")
+    if array.dtype.kind not in kinds:
+        raise HaganError(f"{where}: dtype {array.dtype}; {kind} cubes must be {wanted}")
+    if array.shape != (size,) * 3:
+        raise HaganError(f"{where}: shape {array.shape}, the manifest declares {size}^3 cubes")
 
 
 class CachedVolumeDataset(Dataset):
@@ -57,13 +135,16 @@ class CachedVolumeDataset(Dataset):
         bad = [i for i in self.indices if not 0 <= i < len(entries)]
         if bad:
             raise HaganError(f"{self.cache_dir}: indices {bad[:5]} out of range for {len(entries)} entries")
-        files = [entries[i][key] for i in self.indices for key in ("file", "segmentation") if key in entries[i]]
-        missing = [f for f in files if not (self.cache_dir / f).is_file()]
+        files = [(entries[i][key], kind) for i in self.indices
+                 for key, kind in (("file", "image"), ("segmentation", "segmentation")) if key in entries[i]]
+        missing = [f for f, _ in files if not (self.cache_dir / f).is_file()]
         if missing:
             raise HaganError(
-                f"{self.cache_dir}: cache is incomplete ({len(missing)} missing, e.g. {missing[0]}); "
-                "run `hagan preprocess` again"
+                f"{display_path(self.cache_dir)}: cache is incomplete ({len(missing)} missing, e.g. "
+                f"{display_path(missing[0])}); run `hagan preprocess` again"
             )
+        for file, kind in files:
+            check_cube_file(self.cache_dir / file, self.size, kind)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -71,13 +152,13 @@ class CachedVolumeDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         index = self.indices[i]
         entry = self.manifest["entries"][index]
-        array = np.load(self.cache_dir / entry["file"], mmap_mode="r")
+        array = np.load(self.cache_dir / entry["file"], mmap_mode="r", allow_pickle=False)
         image = torch.from_numpy(np.array(array, dtype=np.float32))[None]
         if self.transform is not None:
             image = self.transform(image)
         item = {"image": image, "label": torch.tensor(int(entry["label"]), dtype=torch.int64), "index": index}
         if "segmentation" in entry:
-            labels = np.load(self.cache_dir / entry["segmentation"], mmap_mode="r")
+            labels = np.load(self.cache_dir / entry["segmentation"], mmap_mode="r", allow_pickle=False)
             item["segmentation"] = torch.from_numpy(np.array(labels, dtype=np.int64))[None]
         return item
 

@@ -17,14 +17,16 @@ from tqdm import tqdm
 
 from . import accel
 from .augment import VolumeAugment
-from .checkpoint import clean_partial, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import STATE, clean_partial, list_checkpoints, load_checkpoint, save_checkpoint
+from .checks import affine_problem, is_int, read_json_object, short_repr, short_text
 from .config import Config, check_world_size, save_yaml
 from .data import CachedVolumeDataset, infinite_loader
 from .distributed import DistContext, device_for, env_world_size, from_env
 from .errors import HaganError
-from .io import write_json_atomic, write_text_atomic
+from .io import display_path, write_json_atomic, write_text_atomic
 from .models import build_model
 from .models.base import DivergenceError
+from .preprocess import FIT_MODES, RECIPES
 from .viz import label_display, montage_grid, montage_tensor, plot_curves, three_plane_montage
 
 CONFIG_FILE = "config.yaml"
@@ -32,6 +34,30 @@ GEOMETRY_FILE = "geometry.json"
 SCALARS_FILE = "scalars.jsonl"
 SAMPLE_SEED = 1234
 SAMPLES_SHOWN = 4
+
+
+GEOMETRY_KEYS = ("reference_affine", "recipe", "mode", "size", "num_classes")
+
+
+def read_geometry(path: Path) -> dict[str, Any]:
+    """A run's ``geometry.json`` (the training data's affine, intensity recipe, fit mode, size and
+    classes), every field checked, since generated volumes are written with them."""
+    geometry = read_json_object(path)
+    where = display_path(path)
+    missing = [key for key in GEOMETRY_KEYS if key not in geometry]
+    if missing:
+        raise HaganError(f"{where}: lacks {', '.join(missing)}; not the geometry of a hagan run")
+    problem = affine_problem(geometry["reference_affine"])
+    if problem:
+        raise HaganError(f"{where}: reference_affine {problem}")
+    if not isinstance(geometry["recipe"], str) or geometry["recipe"] not in RECIPES:
+        raise HaganError(f"{where}: recipe must be one of {', '.join(RECIPES)}, got {short_repr(geometry['recipe'])}")
+    if geometry["mode"] not in FIT_MODES:
+        raise HaganError(f"{where}: mode must be one of {', '.join(FIT_MODES)}, got {short_repr(geometry['mode'])}")
+    for key, low in (("size", 1), ("num_classes", 0)):
+        if not is_int(geometry[key]) or geometry[key] < low:
+            raise HaganError(f"{where}: {key} must be an integer >= {low}, got {short_repr(geometry[key])}")
+    return geometry
 
 
 def pick_device(name: str) -> torch.device:
@@ -237,7 +263,11 @@ class Trainer:
 
     def _restore(self, checkpoint: Path) -> int:
         state = load_checkpoint(checkpoint, self.model, self.optimizers, self.rng)
-        self.model.load_extra_state(state.get("extra", {}))
+        try:
+            self.model.load_extra_state(state.get("extra", {}))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise HaganError(f"{display_path(checkpoint / STATE)}: extra does not fit model {self.config.model.name!r} "
+                             f"({type(err).__name__}: {short_text(str(err), 80)})") from err
         iteration = int(state["iteration"])
         if "loader" in state:
             self.loader = self._make_loader(int(state["loader"].get("seed", self.config.train.seed)))

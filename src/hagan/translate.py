@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from .accel import PRECISIONS
 from .api import Run, load_run, to_output_intensity
+from .checks import positive_int
 from .errors import HaganError, VolumeError
 from .io import Volume, display_path, list_volume_paths, read_volume, volume_stem, write_volume
 from .preprocess import RECIPES, preprocess_volume
@@ -102,8 +103,6 @@ def translate_files(
 def cmd_translate(args: argparse.Namespace) -> None:
     run = load_run(args.run, args.checkpoint, args.device, args.allow_pickle, args.precision)
     if args.batch_size is not None:
-        if args.batch_size < 1:
-            raise HaganError(f"--batch-size must be at least 1, got {args.batch_size}")
         run.config.patch.inference_batch = args.batch_size
     written = translate_files(run, args.volumes, args.out, args.labels, args.recipe, args.save_sketches)
     volumes = sum(1 for p in written if p.name.endswith("_translated.nii.gz"))
@@ -123,7 +122,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="a checkpoint folder or weights file (default: the latest checkpoint)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=PRECISIONS, help="override the run's train.precision")
-    p.add_argument("--batch-size", type=int, help="patches per generator call (default: the run's patch.inference_batch)")
+    p.add_argument("--batch-size", type=positive_int, help="patches per generator call (default: the run's patch.inference_batch)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept a pickle weights file (.pt/.pth), loaded with weights_only; only from sources you trust")
     p.set_defaults(func=cmd_translate)

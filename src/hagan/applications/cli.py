@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from hagan.api import Run, load_run, run_config
+from hagan.checks import non_negative_int, positive_int
 from hagan.config import PRESETS
 from hagan.errors import HaganError
 
@@ -48,7 +49,7 @@ def _training_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="training preset (default demo)")
     group.add_argument("--config", help="training YAML, applied after the preset")
     group.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a training value")
-    group.add_argument("--iterations", type=int, help="training iterations")
+    group.add_argument("--iterations", type=positive_int, help="training iterations")
     group.add_argument("--train-minutes", type=float, help="stop training after this long; the same command resumes it")
     group.add_argument("--device", default="auto")
 
@@ -57,7 +58,7 @@ def _data_arguments(p: argparse.ArgumentParser, data_help: str) -> None:
     p.add_argument("--data", nargs="+", required=True, help=data_help)
     p.add_argument("--out", required=True, help="folder for results.json, the figure, prepared data and a trained run")
     p.add_argument("--phantom-kind", default="thorax-ct", choices=sorted(PHANTOM_TARGETS), help="with --data phantoms")
-    p.add_argument("--n", type=int, default=60, help="number of phantoms with --data phantoms")
+    p.add_argument("--n", type=positive_int, default=60, help="number of phantoms with --data phantoms")
 
 
 def _obtain_run(args: argparse.Namespace, cache: Path | None, **sections: dict) -> Run:
@@ -179,8 +180,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="another model: a class-conditional run, or one unconditional run per class in class order")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--synthetic-fraction", type=float, default=0.2, help="share of synthetic volumes in the augmented set")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--epochs", type=positive_int, default=20)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--classifier-width", type=float, default=1.0, help="channel multiplier of the Table VIII CNN")
     p.set_defaults(func=cmd_augmentation)
@@ -199,10 +200,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             p.add_argument("--targets", nargs="+", metavar="NAME=COLUMN", help="measurements to predict")
             p.add_argument("--label", default="hagan", help="name of the main encoder in the results")
             p.add_argument("--compare", action="append", default=[], metavar="LABEL=RUN", help="another model's encoder")
-            p.add_argument("--folds", type=int, default=5)
+            p.add_argument("--folds", type=positive_int, default=5)
             p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
             p.add_argument("--no-log", action="store_true", help="predict the measurements, not their logarithms")
-            p.add_argument("--image-edge", type=int, default=8, help="edge of the pooled-image reference (0: none)")
+            p.add_argument("--image-edge", type=non_negative_int, default=8, help="edge of the pooled-image reference (0: none)")
         else:
             p.add_argument("--target", metavar="NAME=COLUMN", help="the measurement whose direction is walked")
             p.add_argument("--tissue", choices=sorted(SEGMENTERS), help="segmentation rule that measures generated volumes")
@@ -211,10 +212,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             p.add_argument("--fit-on", default="real", choices=FIT_ON,
                            help="regress the measurement on encoded real volumes (the paper), or the segmented "
                                 "volume on the generator's own samples (no encoder needed)")
-            p.add_argument("--samples", type=int, default=128, help="generated samples to fit on with --fit-on generated")
-            p.add_argument("--steps", type=int, default=7)
-            p.add_argument("--references", type=int, default=3, help="number of walks")
+            p.add_argument("--samples", type=positive_int, default=128, help="generated samples to fit on with --fit-on generated")
+            p.add_argument("--steps", type=positive_int, default=7)
+            p.add_argument("--references", type=positive_int, default=3, help="number of walks")
             p.add_argument("--target-quantiles", type=float, nargs=2, default=[0.05, 0.95],
                            help="walk between these quantiles of the values the direction is fitted on")
-            p.add_argument("--class", dest="class_label", type=int, help="class to generate (conditional runs)")
+            p.add_argument("--class", dest="class_label", type=non_negative_int, help="class to generate (conditional runs)")
             p.add_argument("--seed", type=int, default=0)

@@ -10,11 +10,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
 from hagan.api import Run, load_run
 from hagan.checkpoint import list_checkpoints
-from hagan.config import Config, build_config, parse_assignment
+from hagan.config import Config, build_config, load_yaml, parse_assignment
 from hagan.errors import HaganError
 from hagan.train import CONFIG_FILE, train
 
@@ -47,7 +45,7 @@ def ensure_run(config: Config, run_dir: str | os.PathLike, progress: bool = True
     saved = run_dir / CONFIG_FILE
     done = checkpoint_iteration(run_dir)
     if saved.is_file():
-        previous = yaml.safe_load(saved.read_text()) or {}
+        previous = load_yaml(saved)
         if previous.get("model") != config.to_dict()["model"]:
             raise HaganError(f"{run_dir}: holds a run of another model configuration; remove it or choose another --out")
         if done == 0:

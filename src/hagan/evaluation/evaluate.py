@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from hagan import __version__
+from hagan.checks import read_json_object
 from hagan.errors import HaganError, VolumeError
 from hagan.evaluation.embedding import embedding_figure
 from hagan.evaluation.features import PLANES, TorchExtractor, build_extractor
@@ -179,12 +180,7 @@ def _is_cache(path: Path) -> bool:
 
 def _read_geometry(folder: Path) -> dict:
     path = folder / "geometry.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise HaganError(f"{path}: unreadable ({exc})") from exc
+    return read_json_object(path) if path.is_file() else {}
 
 
 def open_fake(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 
+from ..checks import short_repr
 from ..config import Config
 from ..errors import HaganError
 from .base import GenerativeModel
@@ -24,7 +25,7 @@ MODELS: dict[str, str] = {
 
 def model_class(name: str) -> type[GenerativeModel]:
     if name not in MODELS:
-        raise HaganError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+        raise HaganError(f"unknown model {short_repr(name)}; choose one of {', '.join(MODELS)}")
     module_name, class_name = MODELS[name].split(":")
     return getattr(importlib.import_module(module_name), class_name)
 

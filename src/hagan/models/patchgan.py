@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..checks import short_repr
 from ..config import Config
 from ..errors import HaganError
 from ..sketch import resize, resize_labels, sketch
@@ -158,7 +159,7 @@ class MultiScalePatchGAN(GenerativeModel):
         self._check(config)
         self.stages = self._build_stages()
         if p.stage and p.stage not in {s.name for s in self.stages}:
-            raise HaganError(f"patch.stage {p.stage!r} is not a stage of this model; choose one of "
+            raise HaganError(f"patch.stage {short_repr(p.stage)} is not a stage of this model; choose one of "
                              f"{', '.join(s.name for s in self.stages)}")
         self.generators = nn.ModuleDict()
         self.discriminators = nn.ModuleDict()

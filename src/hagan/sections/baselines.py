@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..checks import short_repr
+
 CRITIC_NORMS = ("none", "batch")
 
 
@@ -30,7 +32,7 @@ class BaselineConfig:
     def problems(self) -> list[str]:
         problems = []
         if self.critic_norm not in CRITIC_NORMS:
-            problems.append(f"critic_norm must be one of {', '.join(CRITIC_NORMS)}, got {self.critic_norm!r}")
+            problems.append(f"critic_norm must be one of {', '.join(CRITIC_NORMS)}, got {short_repr(self.critic_norm)}")
         for name in ("critic_steps", "generator_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")

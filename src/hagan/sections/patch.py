@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..checks import short_repr
+
 METHODS = ("multiscale", "patchwise", "small")
 ADVERSARIAL = ("lsgan", "bce")
 
@@ -55,9 +57,9 @@ class PatchConfig:
     def problems(self) -> list[str]:
         problems = []
         if self.method not in METHODS:
-            problems.append(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+            problems.append(f"method must be one of {', '.join(METHODS)}, got {short_repr(self.method)}")
         if self.adversarial not in ADVERSARIAL:
-            problems.append(f"adversarial must be one of {', '.join(ADVERSARIAL)}, got {self.adversarial!r}")
+            problems.append(f"adversarial must be one of {', '.join(ADVERSARIAL)}, got {short_repr(self.adversarial)}")
         for name in ("low_res_size", "seed_size"):
             value = getattr(self, name)
             if value and (value < 8 or value & (value - 1)):
@@ -88,7 +90,7 @@ class PatchConfig:
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.sketch_low <= self.sketch_high <= 1:
-            problems.append(f"sketch thresholds must satisfy 0 <= sketch_low <= sketch_high <= 1, got "
+            problems.append(f"sketch_low and sketch_high must satisfy 0 <= sketch_low <= sketch_high <= 1, got "
                             f"{self.sketch_low} and {self.sketch_high}")
         return problems
 
