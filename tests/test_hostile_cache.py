@@ -320,8 +320,6 @@ def test_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_previous(tiny_ct_ca
     assert_previous_checkpoint_loads(run)
 
 
-@pytest.mark.xfail(strict=True, reason="save_checkpoint leaves its .tmp- folder on a failed write, names no path "
-                                       "and lets SafetensorError through (a change to checkpoint.py is proposed)")
 @pytest.mark.parametrize("where", ["state.json", "weights"])
 def test_disk_full_at_a_checkpoint_names_it_and_leaves_no_partial_folder(
     tiny_ct_cache, tmp_path, monkeypatch, capsys, where

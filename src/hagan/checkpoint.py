@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,15 @@ def _finite_number(value: Any, low: float, high: float = float("inf")) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value < high
 
 
+def _write_reason(err: Exception) -> str:
+    """The operating system's reason for a failed write; safetensors gives it only inside its message
+    (``... No space left on device (os error 28)``)."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    code = re.search(r"os error (\d+)", str(err))
+    return os.strerror(int(code[1])) if code else " ".join(str(err).split())
+
+
 def save_checkpoint(
     directory: Path,
     iteration: int,
@@ -152,19 +162,28 @@ def save_checkpoint(
     tmp = directory / f"{TMP_PREFIX}{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(tmp / WEIGHTS))
-    tensors: dict[str, torch.Tensor] = {"rng": rng.get_state()}
-    optimizer_meta = {}
-    for name, optimizer in optimizers.items():
-        flat, meta = _flatten_optimizer(name, optimizer)
-        tensors.update(flat)
-        optimizer_meta[name] = meta
-    save_file(tensors, str(tmp / TRAINING_STATE), metadata={"optimizers": json.dumps(optimizer_meta)})
-    (tmp / STATE).write_text(json.dumps({"iteration": iteration, **extra}, indent=2))
-    for name in (WEIGHTS, TRAINING_STATE, STATE):
-        _fsync_path(tmp / name)
-    _fsync_path(tmp, directory=True)
+    try:
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / WEIGHTS))
+        tensors: dict[str, torch.Tensor] = {"rng": rng.get_state()}
+        optimizer_meta = {}
+        for name, optimizer in optimizers.items():
+            flat, meta = _flatten_optimizer(name, optimizer)
+            tensors.update(flat)
+            optimizer_meta[name] = meta
+        save_file(tensors, str(tmp / TRAINING_STATE), metadata={"optimizers": json.dumps(optimizer_meta)})
+        (tmp / STATE).write_text(json.dumps({"iteration": iteration, **extra}, indent=2))
+        for name in (WEIGHTS, TRAINING_STATE, STATE):
+            _fsync_path(tmp / name)
+        _fsync_path(tmp, directory=True)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HaganError(
+            f"{display_path(final)}: cannot write the checkpoint ({_write_reason(err)}); the previous ones are intact"
+        ) from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         _discard(final)
     os.replace(tmp, final)
