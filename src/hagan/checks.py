@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import HaganError
+from .errors import HaganError, printable
 from .io import display_path
 
 _REPR = reprlib.Repr()
@@ -38,7 +38,7 @@ def short_text(text: str, limit: int = 120) -> str:
     (``...`` marks a cut)."""
     lines = text[: limit + 1].splitlines() or [""]
     cut = len(lines) > 1 or len(text) > limit
-    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in lines[0])
+    line = printable(lines[0])
     if cut or len(line) > limit:
         line = line[: limit - 3] + "..."
     return line
