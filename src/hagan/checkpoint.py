@@ -26,7 +26,7 @@ from torch import nn
 
 from .checks import is_int, read_json_object, short_repr, short_text
 from .errors import HaganError
-from .io import display_path
+from .io import display_path, fsync_path
 
 WEIGHTS = "weights.safetensors"
 TRAINING_STATE = "training_state.safetensors"
@@ -35,20 +35,6 @@ PREFIX = "iter_"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
-
-
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    """Flush a file (or a folder's entries) to disk; best effort where the OS does not allow it."""
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _discard(path: Path) -> None:
@@ -174,8 +160,8 @@ def save_checkpoint(
         save_file(tensors, str(tmp / TRAINING_STATE), metadata={"optimizers": json.dumps(optimizer_meta)})
         (tmp / STATE).write_text(json.dumps({"iteration": iteration, **extra}, indent=2))
         for name in (WEIGHTS, TRAINING_STATE, STATE):
-            _fsync_path(tmp / name)
-        _fsync_path(tmp, directory=True)
+            fsync_path(tmp / name)
+        fsync_path(tmp)
     except (OSError, SafetensorError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise HaganError(
@@ -187,7 +173,7 @@ def save_checkpoint(
     if final.exists():
         _discard(final)
     os.replace(tmp, final)
-    _fsync_path(directory, directory=True)
+    fsync_path(directory)
     for old in list_checkpoints(directory)[:-keep]:
         _discard(old)
     return final

@@ -89,6 +89,21 @@ def atomic_write(final: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a folder's entries, to disk, so that a rename that follows survives a
+    power cut; best effort where the OS does not allow it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 _NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
 _TEMPORARY_SUFFIX_MAX = 16
 

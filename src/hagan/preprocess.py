@@ -25,9 +25,9 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from hagan import __version__
-from hagan.errors import HaganError, NoUsableVolumesError, VolumeError
+from hagan.errors import HaganError, NoUsableVolumesError, VolumeError, printable
 from hagan.io import (
-    Volume, atomic_write, display_path, list_volume_paths, printable, read_volume, volume_stem, write_json_atomic,
+    Volume, atomic_write, display_path, fsync_path, list_volume_paths, read_volume, volume_stem, write_json_atomic,
 )
 
 CANONICAL_AXCODES = ("S", "A", "R")
@@ -597,26 +597,12 @@ def _prepare_destination(dst: Path, target: Path, force: bool) -> Path:
     return staging
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's data, or a folder's entries, to disk; best effort where the OS does not allow it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _swap_into_place(staging: Path, target: Path) -> None:
     """Put the finished cache at ``target`` by two renames, so that a reader, or a kill, finds the
     complete old cache or the complete new one (_settle_leftovers finishes a swap cut in between)."""
     for folder in (staging / "volumes", staging / "segmentations", staging):
         if folder.is_dir():
-            _fsync(folder)
+            fsync_path(folder)
     trash = target.with_name(f".{target.name}.trash-{staging.name.rsplit('-', 1)[1]}")
     if os.path.lexists(target):
         os.rename(target, trash)
@@ -627,7 +613,7 @@ def _swap_into_place(staging: Path, target: Path) -> None:
             raise
     else:
         os.rename(staging, target)
-    _fsync(target.parent)
+    fsync_path(target.parent)
     shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -778,7 +764,7 @@ def _build_cache(
         # foreground label values 1..segmentation_labels; 0 is background
         manifest["segmentation_labels"] = report.segmentation_labels = largest_label
     write_json_atomic(folder / "manifest.json", manifest, indent=1)
-    _fsync(folder / "manifest.json")
+    fsync_path(folder / "manifest.json")
     return manifest
 
 
