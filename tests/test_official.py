@@ -4,8 +4,8 @@ The authors' files cannot be downloaded here, so the fixtures are state dicts wi
 shapes of their ``models/Model_HA_GAN_256.py`` (random, seeded weights), and their forward pass is
 rewritten below from the layer list of that file with plain torch ops. A small latent (64) keeps the
 files small; every convolution has its released size. The default tests compare G^A, G^L and one
-high-resolution slab, and both encoders, each at full size; the slow test compares a whole 256^3 volume
-from ``decode`` (about 8 GB of CPU memory for the two passes).
+high-resolution slab, and both encoders, each at full size; the slow tests compare whole 256^3 volumes
+from ``decode`` (a few GB of memory and about a minute per dataset on one CPU thread) and run the commands.
 """
 
 import contextlib
@@ -148,6 +148,13 @@ def max_diff(a, b):
     return float((a - b).abs().max())
 
 
+def close(ours, theirs):
+    """Equal to 1e-5 on the values' scale: absolute for images in [-1, 1], relative for larger features.
+    The flipped kernels sum the same products in another order, so float32 rounding differs (about 1e-6
+    of the largest value at the end of G^A's five convolutions); a wrong mapping differs by O(1)."""
+    return max_diff(ours, theirs) < TOL * max(1.0, float(theirs.abs().max()))
+
+
 @torch.no_grad()
 def test_generator_equals_the_authors_forward_on_low_res_and_a_slab(states, imported):
     g = states["G"]
@@ -155,13 +162,13 @@ def test_generator_equals_the_authors_forward_on_low_res_and_a_slab(states, impo
     model = imported[1]["copdgene"].model
     h_latent = authors_common(g, z)
     features = model.common(z)
-    assert max_diff(features, to_ours(h_latent, "copdgene")) < TOL
-    assert max_diff(model.decode_low_res(z), to_ours(authors_low(g, h_latent), "copdgene")) < TOL
+    assert close(features, to_ours(h_latent, "copdgene"))
+    assert close(model.decode_low_res(z), to_ours(authors_low(g, h_latent), "copdgene"))
     start = 5  # feature slices; the authors' crop_idx 20
     ours = model.high_gen(features[:, :, start : start + 8])
     theirs = authors_high(g, h_latent[:, :, start : start + 8])
     assert ours.shape == (1, 1, 32, 256, 256)
-    assert max_diff(ours, to_ours(theirs, "copdgene")) < TOL
+    assert close(ours, to_ours(theirs, "copdgene"))
     assert float(ours.std()) > 0.01  # not a constant that would match anything
 
 
@@ -171,11 +178,9 @@ def test_encoders_equal_the_authors_forward(states, imported, dataset):
     model = imported[1][dataset].model
     gen = torch.Generator().manual_seed(2)
     slab = torch.rand(1, 1, 32, 256, 256, generator=gen) * 2 - 1
-    assert max_diff(model.slab_encoder(to_ours(slab, dataset)),
-                    to_ours(authors_slab_encoder(states["E"], slab), dataset)) < TOL
+    assert close(model.slab_encoder(to_ours(slab, dataset)), to_ours(authors_slab_encoder(states["E"], slab), dataset))
     features = torch.rand(1, 64, 64, 64, 64, generator=gen)
-    assert max_diff(model.global_encoder(to_ours(features, dataset)),
-                    authors_global_encoder(states["Sub_E"], features)) < TOL
+    assert close(model.global_encoder(to_ours(features, dataset)), authors_global_encoder(states["Sub_E"], features))
 
 
 def test_the_run_records_what_was_imported_and_says_how_d_is_treated(imported):
@@ -284,9 +289,9 @@ def test_decode_equals_the_authors_eval_forward_on_whole_volumes(states, importe
     z = torch.randn(1, LATENT, generator=torch.Generator().manual_seed(4))
     theirs = to_ours(authors_high(states["G"], authors_common(states["G"], z)), dataset)
     model = imported[1][dataset].model
-    assert max_diff(model.decode(z), theirs) < TOL
+    assert close(model.decode(z), theirs)
     model.tile_depth = 8
-    assert max_diff(model.decode(z), theirs) < TOL
+    assert close(model.decode(z), theirs)
     model.tile_depth = 0
 
 

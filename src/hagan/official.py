@@ -88,7 +88,7 @@ DATASETS = {
     ),
 }
 
-# the authors' module names (files), and for each of their tensors the module of ours it becomes
+# the authors' checkpoint files that are imported, by the module name in their file names
 FILES = {"G": "generator (G^A, G^L, G^H)", "E": "slab encoder E^H", "Sub_E": "global encoder E^G"}
 
 
@@ -276,14 +276,15 @@ def import_official(folder: str | os.PathLike, out: str | os.PathLike, dataset: 
         raise HaganError(f"{display_path(paths['G'])}: fc1 takes {states['G'][fc_key].shape[1]} inputs, fewer than "
                          f"the {latent_dim}-d latent of {paths['Sub_E'].name}; the files are of different models")
     config = import_config(latent_dim, num_classes, iteration)
+    with torch.device("meta"):  # names and shapes only, to check every file before any real allocation
+        expected = build_model(config).state_dict()
+    mapped = {}
+    for module, path in paths.items():
+        mapped.update(map_module(path, module, states[module], expected, info.flips))
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the new D's weights, the same on every import
         model = build_model(config)
-    expected = model.state_dict()
-    weights = dict(expected)
-    for module, path in paths.items():
-        weights.update(map_module(path, module, states[module], expected, info.flips))
-    model.load_state_dict(weights)
+    model.load_state_dict({**model.state_dict(), **mapped})
 
     imported = {
         "source": "github.com/batmanlab/HA-GAN (Sun et al., IEEE JBHI 2022)",
