@@ -41,8 +41,10 @@ def label_map_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("label-maps")
     config = build_config(None, None, [{"model": {"name": "progressive", "size": 32, "latent_dim": 16},
                                         "progressive": {"segmentation_labels": 2, "max_channels": 32}}])
-    torch.manual_seed(0)
-    save_checkpoint(root / "checkpoints", 0, build_model(config), {}, torch.Generator().manual_seed(0), {}, keep=1)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_model(config)
+    save_checkpoint(root / "checkpoints", 0, model, {}, torch.Generator().manual_seed(0), {}, keep=1)
     save_yaml(config, root / "config.yaml")
     affine = np.diag([2.0, 2.0, 2.0, 1.0]).tolist()
     write_json_atomic(root / "geometry.json", {"reference_affine": affine, "recipe": "mri", "mode": "resize",
