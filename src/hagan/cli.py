@@ -417,9 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_summary)
 
     from .applications.cli import add_parser as add_experiment
+    from .official import add_parser as add_import_official
     from .translate import add_parser as add_translate
 
     add_translate(sub)
+    add_import_official(sub)
     add_experiment(sub)
     return parser
 
