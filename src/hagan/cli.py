@@ -147,34 +147,32 @@ def first_missing(path: Path) -> Path | None:
     return missing
 
 
-def training_cache(args: argparse.Namespace, config: Any, out: Path) -> None:
-    """Point ``config.data.cache`` at a cache: the one given, or ``OUT/cache`` preprocessed from a folder
-    of volumes (reused when it exists, so that ``--resume`` continues on the same cubes)."""
+def volumes_to_cache(args: argparse.Namespace, config: Any, out: Path) -> Path | None:
+    """When ``--data`` is a folder of volumes, point ``config.data.cache`` at ``OUT/cache`` and return the
+    folder to preprocess into it; None when there is nothing to preprocess (a cache was given, or a
+    resumed run reuses the cache its first start made)."""
     from .distributed import env_world_size
     from .io import list_volume_paths
-    from .preprocess import preprocess_folder
 
     data = Path(config.data.cache)
     if not data.is_dir() or is_cache_folder(data):
-        return  # a cache, or a path the trainer reports on
+        return None  # a cache, or a path the trainer reports on
     cache = out / RUN_CACHE
     config.data.cache = str(cache)
     if is_cache_folder(cache):
         print(f"reusing the cache {cache} preprocessed from the volumes on the run's first start")
-        return
+        return None
     if not list_volume_paths(data):
         raise HaganError(f"{data}: neither a hagan cache (no manifest.json) nor a folder of volumes "
                          "(NIfTI, NRRD, MHA/MHD, DICOM, .npy/.npz)")
     if args.recipe is None:
         raise HaganError(f"{data}: a folder of volumes is preprocessed into {cache} first, which needs their "
                          f"intensity recipe; add --recipe ct or --recipe mri")
-    size = config.model.size
     if env_world_size() > 1:
-        raise HaganError(f"{data}: under torchrun, preprocess once before training: "
-                         f"{command_line(['preprocess', str(data), str(cache), '--recipe', args.recipe, '--size', str(size)])}"
-                         f", then pass --data {shlex.quote(str(cache))}")
-    print(f"preprocessing {data} into {cache} ({args.recipe} recipe, {size}^3)")
-    print(preprocess_folder(data, cache, recipe=args.recipe, size=size, progress=True).summary())
+        command = ["preprocess", str(data), str(cache), "--recipe", args.recipe, "--size", str(config.model.size)]
+        raise HaganError(f"{data}: under torchrun, preprocess once before training: {command_line(command)}, "
+                         f"then pass --data {shlex.quote(str(cache))}")
+    return data
 
 
 def check_cache_size(args: argparse.Namespace, config: Any) -> None:
@@ -205,7 +203,8 @@ def check_not_trained(args: argparse.Namespace, config: Any, out: Path) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from .config import build_config, check_world_size
     from .distributed import env_world_size, from_env
-    from .train import CONFIG_FILE, Trainer
+    from .preprocess import preprocess_folder
+    from .train import CONFIG_FILE, Trainer, prepare_run_dir
 
     out = Path(args.out)
     if args.resume:
@@ -216,13 +215,17 @@ def cmd_train(args: argparse.Namespace) -> None:
         if args.data is None and args.config is None:
             raise HaganError("pass --data FOLDER (volumes, or a cache from `hagan preprocess`) or --config FILE")
         config = build_config(training_preset(args), args.config, training_overrides(args))
-        if os.path.lexists(out) and (not out.is_dir() or any(out.iterdir())):
-            raise HaganError(f"{out}: already holds files; pass --resume to continue it or choose another --out")
     # under torchrun: the global batch must split evenly over the processes, checked before any work
     check_world_size(config, env_world_size())
+    volumes = volumes_to_cache(args, config, out)
+    if not args.resume:
+        prepare_run_dir(out, config, resume=False)
     created = None if args.resume else first_missing(out)
     try:
-        training_cache(args, config, out)
+        if volumes is not None:
+            print(f"preprocessing {volumes} into {config.data.cache} ({args.recipe} recipe, {config.model.size}^3)")
+            print(preprocess_folder(volumes, config.data.cache, recipe=args.recipe, size=config.model.size,
+                                    progress=True).summary())
         check_cache_size(args, config)
         if args.resume:
             check_not_trained(args, config, out)
@@ -361,13 +364,12 @@ def weights_argument(items: list[str] | None) -> dict[str, str] | str | None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluation import evaluate
 
-    recipe = None if args.recipe == "none" else args.recipe
     evaluate(
         args.real, args.fake, args.out, features=args.features, weights=weights_argument(args.weights), n=args.n,
-        seed=args.seed, save_stats=args.save_stats, device=args.device, batch_size=args.batch_size, recipe=recipe,
+        seed=args.seed, save_stats=args.save_stats, device=args.device, batch_size=args.batch_size, recipe=args.recipe,
         mode=args.mode, allow_unknown_weights=args.allow_unknown_weights, ms_ssim_volumes=args.ms_ssim_volumes,
         ms_ssim_pairs=args.ms_ssim_pairs, class_label=args.class_label, fid_method=args.fid_method,
-        extractor_options={"inception-2.5d": {"n_slices": args.slices}},
+        extractor_options={"inception-2.5d": {"n_slices": args.slices}}, size=args.size,
     )
     print((Path(args.out) / "metrics.md").read_text())
 
