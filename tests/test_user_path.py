@@ -170,19 +170,24 @@ def test_a_failed_train_leaves_no_folder(scans, cache, tmp_path, capsys):
     junk.mkdir()
     (junk / "a.nii.gz").write_bytes(b"not a volume")
     (junk / "b.nii.gz").write_bytes(b"\x00" * 400)
-    cases = {
-        "unknown preset": ["--data", str(cache), "--preset", "nope"],
-        "no recipe for a folder": ["--data", str(scans), "--preset", "demo"],
-        "no usable volume": ["--data", str(junk), "--recipe", "ct", "--preset", "demo"],
-        "size mismatch": ["--data", str(cache), "--preset", "demo", "--size", "64"],
-        "labels the cache lacks": ["--data", str(cache), "--preset", "demo", "--num-classes", "2"],
-        "labels the folder lacks": ["--data", str(scans), "--recipe", "ct", "--preset", "demo", "--num-classes", "2"],
+    config = tmp_path / "no-data.yaml"
+    config.write_text("model: {size: 32, width: 0.25, latent_dim: 128}\n")
+    cases = {  # case: (arguments, what the one-line error says)
+        "unknown preset": (["--data", str(cache), "--preset", "nope"], "unknown preset 'nope'"),
+        "missing data": (["--data", str(tmp_path / "nowhere"), "--preset", "demo"], "nowhere: no such folder"),
+        "a config without data": (["--config", str(config)], "no training data"),
+        "no recipe for a folder": (["--data", str(scans), "--preset", "demo"], "add --recipe ct or --recipe mri"),
+        "no usable volume": (["--data", str(junk), "--recipe", "ct", "--preset", "demo"], "no usable volume"),
+        "size mismatch": (["--data", str(cache), "--preset", "demo", "--size", "64"], "volumes are 32^3"),
+        "labels the cache lacks": (["--data", str(cache), "--preset", "demo", "--num-classes", "2"], "needs a label"),
+        "labels the folder lacks": (["--data", str(scans), "--recipe", "ct", "--preset", "demo", "--num-classes", "2"],
+                                    "needs a label"),
     }
-    for case, argv in cases.items():
+    for case, (argv, message) in cases.items():
         out = tmp_path / "runs" / case.replace(" ", "-")
         assert main(["train", "--out", str(out), *argv]) == 2, case
-        err = capsys.readouterr().err
-        assert err.splitlines()[-1].startswith("hagan train: error: "), (case, err)  # after any progress bar
+        last = capsys.readouterr().err.splitlines()[-1]  # after any progress bar
+        assert last.startswith("hagan train: error: ") and message in last, (case, last)
         assert not (tmp_path / "runs").exists(), case
 
 

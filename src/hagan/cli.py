@@ -154,9 +154,13 @@ def volumes_to_cache(args: argparse.Namespace, config: Any, out: Path) -> Path |
     from .distributed import env_world_size
     from .io import list_volume_paths
 
+    if not config.data.cache:
+        return None  # the trainer says that data are needed
     data = Path(config.data.cache)
+    if not os.path.lexists(data):
+        raise HaganError(f"{data}: no such folder (--data takes a folder of volumes or a cache)")
     if not data.is_dir() or is_cache_folder(data):
-        return None  # a cache, or a path the trainer reports on
+        return None  # a cache, or a file the trainer reports on
     cache = out / RUN_CACHE
     config.data.cache = str(cache)
     if is_cache_folder(cache):
