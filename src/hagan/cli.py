@@ -22,6 +22,8 @@ from .errors import HaganError, VolumeError, printable
 if TYPE_CHECKING:
     import numpy as np
 
+    from .config import Config
+
 # every command and its one-line summary: `hagan --help` lists these without building the full parser
 COMMANDS = {
     "demo": "phantoms -> preprocess -> train a small HA-GAN on CPU -> generate, in one go",
@@ -147,7 +149,7 @@ def first_missing(path: Path) -> Path | None:
     return missing
 
 
-def volumes_to_cache(args: argparse.Namespace, config: Any, out: Path) -> Path | None:
+def volumes_to_cache(args: argparse.Namespace, config: Config, out: Path) -> Path | None:
     """When ``--data`` is a folder of volumes, point ``config.data.cache`` at ``OUT/cache`` and return the
     folder to preprocess into it; None when there is nothing to preprocess (a cache was given, or a
     resumed run reuses the cache its first start made)."""
@@ -179,7 +181,7 @@ def volumes_to_cache(args: argparse.Namespace, config: Any, out: Path) -> Path |
     return data
 
 
-def check_cache_size(args: argparse.Namespace, config: Any) -> None:
+def check_cache_size(args: argparse.Namespace, config: Config) -> None:
     """A cache at another size than the model: the error gives the command that trains at the cache's size."""
     from .data import load_manifest
 
@@ -192,7 +194,7 @@ def check_cache_size(args: argparse.Namespace, config: Any) -> None:
                          f"cache's size with: {command_line(with_option(args.argv, '--size', str(size)))}")
 
 
-def check_not_trained(args: argparse.Namespace, config: Any, out: Path) -> None:
+def check_not_trained(args: argparse.Namespace, config: Config, out: Path) -> None:
     """A resumed run that already reached its iterations: the error gives the command that trains on."""
     from .checkpoint import list_checkpoints
 
