@@ -92,7 +92,7 @@ def test_user_errors_are_one_line(cache, run_dir, tmp_path, capsys):
     cases = [
         (["generate", str(run_dir), "--n", "1", "--out", str(tmp_path / "g"), "--class", "1"], "unconditional"),
         (["generate", str(tmp_path), "--n", "1", "--out", str(tmp_path / "g")], "not a training run"),
-        (["train", "--data", str(cache / "phantoms"), "--out", str(tmp_path / "r"), "--size", "32"], "hagan preprocess"),
+        (["train", "--data", str(cache / "phantoms"), "--out", str(tmp_path / "r"), "--size", "32"], "add --recipe ct or --recipe mri"),
         (["train", "--data", str(cache / "cache"), "--out", str(tmp_path / "r2"), "--size", "64"], "--size 32"),
         (["encode", str(run_dir), str(cache / "phantoms"), "--out", str(tmp_path / "z.txt")], ".npy or .csv"),
     ]

@@ -123,15 +123,18 @@ class StopRequested:
 
 
 def prepare_run_dir(run_dir: Path, config: Config, resume: bool) -> Config:
-    """A new run needs an empty or new folder; a resumed run takes its saved config, updated by ``config``."""
+    """A new run needs an empty or new folder (holding at most its own data cache, ``config.data.cache``);
+    a resumed run takes its saved config, updated by ``config``. Checks only: the folder is created once
+    every check has passed, so a failed start leaves nothing on disk."""
     config_path = run_dir / CONFIG_FILE
     if resume:
         if not config_path.is_file():
             raise HaganError(f"{run_dir}: nothing to resume (no {CONFIG_FILE}); start a new run without --resume")
         return config
-    if config_path.exists() or (run_dir.is_dir() and any(run_dir.iterdir())):
+    own_cache = Path(os.path.abspath(config.data.cache))
+    if config_path.exists() or (run_dir.is_dir() and any(Path(os.path.abspath(entry)) != own_cache
+                                                         for entry in run_dir.iterdir())):
         raise HaganError(f"{run_dir}: folder already holds files; pass --resume to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
     return config
 
 
@@ -186,6 +189,7 @@ class Trainer:
         # every rank starts from rank 0's parameters and buffers, as DistributedDataParallel does
         self.dist.broadcast_module(self.model)
         if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(config, self.run_dir / CONFIG_FILE)
             write_json_atomic(self.run_dir / GEOMETRY_FILE, self.geometry())
         self.dist.barrier()

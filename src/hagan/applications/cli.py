@@ -46,12 +46,13 @@ def ridge_penalty(text: str) -> float | None:
 def _training_arguments(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("the generative model (an existing run, or one trained into OUT/run)")
     group.add_argument("--run", help="trained run folder to use instead of training one")
-    group.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="training preset (default demo)")
+    group.add_argument("--preset", default="demo", choices=sorted(PRESETS), metavar="NAME",
+                       help="training preset (`hagan train --help` lists them)")
     group.add_argument("--config", help="training YAML, applied after the preset")
     group.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a training value")
     group.add_argument("--iterations", type=positive_int, help="training iterations")
     group.add_argument("--train-minutes", type=float, help="stop training after this long; the same command resumes it")
-    group.add_argument("--device", default="auto")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
 
 
 def _data_arguments(p: argparse.ArgumentParser, data_help: str) -> None:
@@ -168,54 +169,65 @@ def cmd_latent_walk(args: argparse.Namespace) -> None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``hagan experiment NAME`` on the main command line."""
-    experiment = subparsers.add_parser("experiment", help="the paper's applications: augmentation, features, latent walk")
+    experiment = subparsers.add_parser(
+        "experiment", help="the paper's applications: augmentation, features, latent walk",
+        description="the paper's applications: augmentation, features, latent walk.\n\n"
+                    "Each takes a trained run (--run) or trains one into OUT/run, and writes OUT/results.json and "
+                    "a figure; `hagan experiment NAME --help` describes each.",
+        epilog="example:\n  hagan experiment features --data phantoms --out runs/features --iterations 200")
     names = experiment.add_subparsers(dest="experiment", required=True, metavar="NAME")
 
-    p = names.add_parser("augmentation", help="GAN augmentation for a 3D CNN classifier (Table V)")
+    p = names.add_parser("augmentation", help="GAN augmentation for a 3D CNN classifier (Table V)",
+                         description="GAN augmentation for a 3D CNN classifier (Table V): the classifier trained "
+                                     "with and without synthetic volumes, over several seeds, with paired tests.",
+                         epilog="example:\n  hagan experiment augmentation --data adrenalmnist3d_64.npz "
+                                "--out runs/augmentation")
     _data_arguments(p, "MedMNIST-style .npz (official splits), 'phantoms' (thorax CT, severity grade as class), "
                        "or a folder with labelled train/ and test/ caches")
     _training_arguments(p)
     p.add_argument("--label", default="hagan", help="name of the main model in the results")
     p.add_argument("--compare", action="append", default=[], metavar="LABEL=RUN[,RUN...]",
                    help="another model: a class-conditional run, or one unconditional run per class in class order")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="classifier training seeds, one arm each")
     p.add_argument("--synthetic-fraction", type=float, default=0.2, help="share of synthetic volumes in the augmented set")
-    p.add_argument("--epochs", type=positive_int, default=20)
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=positive_int, default=20, help="classifier training epochs")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="classifier batch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="classifier learning rate")
     p.add_argument("--classifier-width", type=float, default=1.0, help="channel multiplier of the Table VIII CNN")
     p.set_defaults(func=cmd_augmentation)
 
     for name, helptext, func in (("features", "ridge regression of measurements on encoded latents (Table VI)", cmd_features),
                                  ("latent-walk", "walk along a measurement's latent direction (Fig. 5)", cmd_latent_walk)):
-        p = names.add_parser(name, help=helptext)
+        p = names.add_parser(name, help=helptext, description=f"{helptext}.",
+                             epilog=f"example:\n  hagan experiment {name} --data phantoms --out runs/{name}")
         _data_arguments(p, "caches or folders of volumes (read with the run's preprocessing), or 'phantoms'")
         _training_arguments(p)
         p.add_argument("--table", action="append", default=[], help="CSV of measurements, first column (or 'file') the ID")
         p.add_argument("--alpha", type=ridge_penalty, default=1e-4 if name == "features" else None,
-                       help="ridge penalty, or 'auto' for leave-one-out in each training fold "
-                            + ("(default 1e-4, the paper's)" if name == "features" else "(default auto)"))
+                       help="ridge penalty, or 'auto' for leave-one-out in each training fold"
+                            + (" (1e-4 is the paper's)" if name == "features" else " (default: auto)"))
         p.set_defaults(func=func)
         if name == "features":
             p.add_argument("--targets", nargs="+", metavar="NAME=COLUMN", help="measurements to predict")
             p.add_argument("--label", default="hagan", help="name of the main encoder in the results")
             p.add_argument("--compare", action="append", default=[], metavar="LABEL=RUN", help="another model's encoder")
-            p.add_argument("--folds", type=positive_int, default=5)
-            p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+            p.add_argument("--folds", type=positive_int, default=5, help="cross-validation folds")
+            p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds of the fold splits")
             p.add_argument("--no-log", action="store_true", help="predict the measurements, not their logarithms")
             p.add_argument("--image-edge", type=non_negative_int, default=8, help="edge of the pooled-image reference (0: none)")
         else:
             p.add_argument("--target", metavar="NAME=COLUMN", help="the measurement whose direction is walked")
             p.add_argument("--tissue", choices=sorted(SEGMENTERS), help="segmentation rule that measures generated volumes")
-            p.add_argument("--direction", default="pattern", choices=DIRECTIONS)
-            p.add_argument("--reference", default="random", choices=REFERENCES)
+            p.add_argument("--direction", default="pattern", choices=DIRECTIONS,
+                           help="latent direction: the regression's activation pattern or its raw weights")
+            p.add_argument("--reference", default="random", choices=REFERENCES, help="where each walk starts: a random latent (the paper) or an encoded real volume")
             p.add_argument("--fit-on", default="real", choices=FIT_ON,
                            help="regress the measurement on encoded real volumes (the paper), or the segmented "
                                 "volume on the generator's own samples (no encoder needed)")
             p.add_argument("--samples", type=positive_int, default=128, help="generated samples to fit on with --fit-on generated")
-            p.add_argument("--steps", type=positive_int, default=7)
+            p.add_argument("--steps", type=positive_int, default=7, help="volumes generated along each walk")
             p.add_argument("--references", type=positive_int, default=3, help="number of walks")
             p.add_argument("--target-quantiles", type=float, nargs=2, default=[0.05, 0.95],
                            help="walk between these quantiles of the values the direction is fitted on")
             p.add_argument("--class", dest="class_label", type=non_negative_int, help="class to generate (conditional runs)")
-            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--seed", type=int, default=0, help="seed of the reference latents")

@@ -6,6 +6,11 @@
 
 Volumes are streamed in batches through every extractor at once, so a large set never has to fit in
 memory; only the first ``ms_ssim_volumes`` generated (and real) volumes are kept for MS-SSIM.
+
+Both sets are compared on one grid, the protocol's cube (``GRID_RULE``), so volumes of any tool, shape
+and spacing can be scored. Every score comes with two references on the same scale: one half of the
+real set against the other (what real data scores) and the real set's mean volume repeated (what a
+generator that learned only the average scores).
 """
 
 from __future__ import annotations
@@ -48,6 +53,16 @@ CT_WINDOW_HU = (-1024.0, 600.0)
 FAKE_RECIPES = ("ct", "mri", "none")
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
+DEFAULT_SIZE = 128  # deepbet's input size and the small-data preset's, when neither set fixes a grid
+GRID_RULE = (
+    "the size is --size, else that of a set already on a cube grid (a run, a `hagan generate` folder, a cache, "
+    "a stats file, an array), else the edge of generated volumes that are cubes, else 128. Caches, runs and "
+    "arrays are used as they are; a `hagan generate` folder (geometry.json) is mapped back from its output "
+    "units; any other folder of volumes is preprocessed as training data: reoriented to (S, A, R), intensities "
+    "by the recipe (ct: HU window, mri: percentile) to [-1, 1], blank end slices trimmed, fitted to the cube by "
+    "the mode (resize_keep_aspect: isotropic spacing, largest extent fills the cube, then padding); with "
+    "recipe none, volumes already in [-1, 1] are reoriented and fitted only"
+)
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -183,11 +198,82 @@ def _read_geometry(folder: Path) -> dict:
     return read_json_object(path) if path.is_file() else {}
 
 
+def _is_path(value: Any) -> bool:
+    return isinstance(value, (str, os.PathLike))
+
+
+def _is_stats(real: Any) -> bool:
+    return _is_path(real) and str(real).endswith(".npz") and Path(real).is_file()
+
+
+def _array_size(volumes: Any) -> int:
+    """The cube edge of an array of volumes (N, S, S, S) or (N, 1, S, S, S); ArraySource checks the rest."""
+    shape = np.shape(volumes)
+    return int(shape[-1]) if shape else 0
+
+
+def protocol_size(real: Any, fake: Any, size: int | None = None) -> tuple[int, str]:
+    """The cube edge both sets are compared at and what fixed it (``GRID_RULE``): ``size`` when given,
+    else the size of a set already on a cube grid, else the edge of generated cubes, else DEFAULT_SIZE."""
+    fixed: list[tuple[int, str]] = []
+    if not _is_path(fake):
+        fixed.append((_array_size(fake), "the generated array"))
+    elif _is_run(Path(fake)):
+        from hagan.api import load_run
+
+        edge = _read_geometry(Path(fake)).get("size") or load_run(fake, device="cpu").size
+        fixed.append((int(edge), f"run {fake}"))
+    elif (geometry := _read_geometry(Path(fake))).get("recipe") and geometry.get("size"):
+        fixed.append((int(geometry["size"]), f"{Path(fake) / 'geometry.json'}"))
+    if not _is_path(real):
+        fixed.append((_array_size(real), "the real array"))
+    elif _is_stats(real):
+        fixed.append((int(load_stats(real)[1].get("size") or 0), f"stats file {real}"))
+    elif _is_cache(Path(real)):
+        from hagan.data import load_manifest
+
+        fixed.append((int(load_manifest(real)["size"]), f"cache {real}"))
+    if size is not None:
+        for edge, source in fixed:
+            if edge != size:
+                raise HaganError(f"--size {size}: {source} is on a {edge}^3 grid; drop --size or pass --size {edge}")
+        return size, "--size"
+    if fixed:
+        return fixed[0][0], fixed[0][1]
+    if Path(fake).is_dir():
+        paths = list_volume_paths(Path(fake))
+        shape = read_volume(paths[0]).array.shape if paths else ()
+        if len(shape) == 3 and len(set(shape)) == 1:
+            return int(shape[0]), f"the generated volumes' edge ({paths[0].name})"
+    return DEFAULT_SIZE, "default"
+
+
+def fit_volume(path: Path, recipe: str, size: int, mode: str) -> np.ndarray:
+    """A volume file on the protocol's cube (``GRID_RULE``): the training preprocessing for ct and mri,
+    reorientation and fitting only for recipe 'none' (values already in [-1, 1])."""
+    from hagan.preprocess import canonicalise, fit_to_cube, preprocess_volume
+
+    volume = read_volume(path)
+    if recipe != "none":
+        return preprocess_volume(volume, recipe, size, mode, source=str(path)).array
+    canonical = canonicalise(volume)  # read_volume gives 3D arrays only
+    if canonical.array.shape == (size,) * 3:
+        return np.clip(canonical.array, -1, 1).astype(np.float32)
+    cube, _ = fit_to_cube(canonical.array.astype(np.float32), canonical.affine, size, mode)
+    return np.clip(cube, -1, 1).astype(np.float32)
+
+
 def open_fake(
-    fake, n: int | None, seed: int, device: str, recipe: str | None, class_label: int | None = None
+    fake, n: int | None, seed: int, device: str, recipe: str | None, class_label: int | None = None,
+    size: int | None = None, mode: str = "resize_keep_aspect",
 ) -> tuple[VolumeSource | None, dict]:
-    """The generated set as a source (a RUN's source needs ``n``: None until it is known) and its geometry."""
-    if not isinstance(fake, (str, os.PathLike)):
+    """The generated set as a source (a RUN's source needs ``n``: None until it is known) and its geometry.
+
+    A folder written by ``hagan generate`` (its geometry.json names the recipe) holds cubes in output
+    units, mapped back to [-1, 1]; any other folder is any tool's volumes, fitted to the ``size`` cube
+    by ``fit_volume``.
+    """
+    if not _is_path(fake):
         source = ArraySource(fake)
         return (ArraySource(source.x[:n]) if n else source), {}
     path = Path(fake)
@@ -201,35 +287,46 @@ def open_fake(
         raise HaganError(f"{path}: no volume files found")
     paths = paths[:n] if n else paths
     geometry = _read_geometry(path)
-    fake_recipe = geometry.get("recipe") or recipe
     first = read_volume(paths[0]).array
+    if geometry.get("recipe"):
+        generated_recipe = geometry["recipe"]
+        if first.ndim != 3 or len(set(first.shape)) != 1:
+            raise HaganError(f"{paths[0]}: volumes written by `hagan generate` are cubes, got shape {first.shape}")
+        edge = first.shape[0]
+        if size is not None and edge != size:
+            raise HaganError(f"{paths[0]}: generated volumes are {edge}^3, the protocol's cube is {size}^3")
+
+        def load(p: Path) -> np.ndarray:
+            from hagan.preprocess import canonicalise
+
+            array = canonicalise(read_volume(p)).array
+            if array.shape != (edge,) * 3:
+                raise VolumeError(p, f"shape {array.shape} differs from the first generated volume's {(edge,) * 3}")
+            return output_to_model_range(array, generated_recipe)
+
+        info = {"recipe": generated_recipe, "recipe_from": "geometry.json", "fit": "hagan generate output units"}
+        return FileSource("folder", path, paths, load, edge, info), geometry
+    fake_recipe = recipe
     if fake_recipe is None:
         if first.min() < -1e-6 and first.max() <= 1 + 1e-6:
             fake_recipe = "none"
         else:
             raise HaganError(
                 f"{path}: cannot tell the generated volumes' units (values {first.min():.4g}..{first.max():.4g}) "
-                "and the folder has no geometry.json; pass the training recipe (--recipe ct|mri, or none for [-1, 1])"
+                "and the folder has no geometry.json; pass their intensity recipe (--recipe ct|mri, or none for [-1, 1])"
             )
-    if first.ndim != 3 or len(set(first.shape)) != 1:
-        raise HaganError(f"{paths[0]}: generated volumes must be cubes, got shape {first.shape}")
-    size = first.shape[0]
-
-    def load(p: Path) -> np.ndarray:
-        from hagan.preprocess import canonicalise
-
-        array = canonicalise(read_volume(p)).array
-        if array.shape != (size,) * 3:
-            raise VolumeError(p, f"shape {array.shape} differs from the first generated volume's {(size,) * 3}")
-        return output_to_model_range(array, fake_recipe)
-
-    info = {"recipe": fake_recipe, "recipe_from": "geometry.json" if geometry.get("recipe") else "argument"}
-    return FileSource("folder", path, paths, load, size, info), {"recipe": fake_recipe, **geometry}
+    if fake_recipe not in FAKE_RECIPES:
+        raise HaganError(f"unknown recipe {fake_recipe!r} for generated volumes; choose from {', '.join(FAKE_RECIPES)}")
+    edge = size if size is not None else DEFAULT_SIZE
+    info = {"recipe": fake_recipe, "recipe_from": "argument" if recipe else "values in [-1, 1]",
+            "mode": mode, "fit": "training preprocessing" if fake_recipe != "none" else "reoriented and fitted"}
+    return (FileSource("folder", path, paths, lambda p: fit_volume(p, fake_recipe, edge, mode), edge, info),
+            {"recipe": fake_recipe})
 
 
 def open_real(real, size: int, recipe: str | None, mode: str) -> VolumeSource:
-    """A real set as a source at the generated size: a hagan cache, a folder of raw volumes, or an array."""
-    if not isinstance(real, (str, os.PathLike)):
+    """A real set as a source at the protocol's size: a hagan cache, a folder of raw volumes, or an array."""
+    if not _is_path(real):
         source = ArraySource(real)
     elif _is_cache(Path(real)):
         source = CacheSource(Path(real))
@@ -242,16 +339,11 @@ def open_real(real, size: int, recipe: str | None, mode: str) -> VolumeSource:
         paths = list_volume_paths(folder)
         if not paths:
             raise HaganError(f"{folder}: no volume files found")
-
-        def load(p: Path) -> np.ndarray:
-            from hagan.preprocess import preprocess_volume
-
-            return preprocess_volume(read_volume(p), recipe, size, mode, source=str(p)).array
-
-        source = FileSource("folder", folder, paths, load, size, {"recipe": recipe, "mode": mode})
+        info = {"recipe": recipe, "mode": mode, "fit": "training preprocessing"}
+        source = FileSource("folder", folder, paths, lambda p: fit_volume(p, recipe, size, mode), size, info)
     if source.size != size:
         raise HaganError(
-            f"{real}: real volumes are {source.size}^3 but generated ones are {size}^3; "
+            f"{real}: real volumes are {source.size}^3 but the protocol's cube is {size}^3; "
             f"preprocess the real set with --size {size}"
         )
     return source
@@ -267,10 +359,12 @@ def extract_all(
     keep: int,
     progress: bool,
     desc: str,
-) -> tuple[dict[str, dict[str, np.ndarray]], torch.Tensor | None]:
-    """One pass over the source: every extractor's feature sets, and the first ``keep`` volumes (float16)."""
+) -> tuple[dict[str, dict[str, np.ndarray]], torch.Tensor | None, torch.Tensor]:
+    """One pass over the source: every extractor's feature sets, the first ``keep`` volumes (float16), and
+    the mean volume (1, 1, S, S, S) that the trivial-generator reference repeats."""
     collected: dict[str, dict[str, list]] = {e.name: {} for e in extractors}
     kept: list[torch.Tensor] = []
+    total: torch.Tensor | None = None
     count = 0
     bar = tqdm(total=len(source), desc=desc, unit="vol", disable=not progress)
     for batch in source.batches(batch_size):
@@ -279,13 +373,33 @@ def extract_all(
                 collected[extractor.name].setdefault(key, []).append(value.double().numpy())
         if count < keep:
             kept.append(batch[: keep - count].half())
+        batch_sum = batch.double().sum(0, keepdim=True)
+        total = batch_sum if total is None else total + batch_sum
         count += len(batch)
         bar.update(len(batch))
     bar.close()
     if count == 0:
         raise HaganError(f"{desc}: no usable volume")
     features = {name: {k: np.concatenate(v) for k, v in sets.items()} for name, sets in collected.items()}
-    return features, (torch.cat(kept) if kept else None)
+    return features, (torch.cat(kept) if kept else None), (total / count).float()
+
+
+def volume_rows(sets: Mapping[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
+    """The feature rows of the volumes at ``index``; a plane set holds the same number of slices per volume."""
+    n = len(sets["volume"])
+    return {k: v.reshape(n, -1, v.shape[-1])[index].reshape(-1, v.shape[-1]) for k, v in sets.items()}
+
+
+def real_halves(sets: Mapping[str, np.ndarray], seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The real set split at random (seeded) into two halves: the real-versus-real reference."""
+    order = np.random.default_rng(seed).permutation(len(sets["volume"]))
+    half = len(order) // 2
+    return volume_rows(sets, order[:half]), volume_rows(sets, order[half:])
+
+
+def repeated(sets: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """One volume's feature sets as if a generator had produced that volume ``n`` times."""
+    return {k: np.tile(v, (n, 1)) for k, v in sets.items()}
 
 
 # ------------------------------------------------------------------------------------------ stats files
@@ -377,21 +491,44 @@ def _fmt(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
+def _score_cells(m: dict | None) -> str:
+    if m is None:
+        return "- | - | - | - | -"
+    planes = " / ".join(_fmt(m[f"fid_{p}"]) for p in PLANES if f"fid_{p}" in m) or "-"
+    return f"{_fmt(m['fid'])} | {_fmt(m['kid_mean'])} | {_fmt(m['kid_std'])} | {_fmt(m['mmd'])} | {planes}"
+
+
 def metrics_markdown(result: dict) -> str:
+    """The scores, each feature's followed by its two reference rows, so every number comes with a scale."""
+    grid = result["protocol"].get("grid", {})
+    halves = result.get("reference", {}).get("real_halves") or {}
+    halves_label = f"real half vs other half ({' vs '.join(map(str, halves['n']))})" if halves else "real half vs other half"
     lines = [
         f"# Evaluation: {result['n_fake']} generated vs {result['n_real']} real volumes ({result['protocol']['size']}^3)",
         "",
-        "| features | FID | KID mean | KID std | MMD | per-plane FID (axial / coronal / sagittal) |",
-        "|---|---|---|---|---|---|",
+        "| features | compared with the real set | FID | KID mean | KID std | MMD | per-plane FID (axial / coronal / sagittal) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, m in result["features"].items():
-        planes = " / ".join(_fmt(m[f"fid_{p}"]) for p in PLANES if f"fid_{p}" in m) or "-"
-        lines.append(f"| {name} | {_fmt(m['fid'])} | {_fmt(m['kid_mean'])} | {_fmt(m['kid_std'])} | {_fmt(m['mmd'])} | {planes} |")
+        reference = m.get("reference", {})
+        lines += [
+            f"| {name} | **generated ({result['n_fake']})** | {_score_cells(m)} |",
+            f"| {name} | reference: {halves_label} | {_score_cells(reference.get('real_halves'))} |",
+            f"| {name} | reference: real mean volume x {result['n_fake']} | {_score_cells(reference.get('mean_volume'))} |",
+        ]
     lines += ["", "| diversity | value |", "|---|---|", f"| MS-SSIM generated (mean over {result['ms_ssim_pairs']} pairs) | {_fmt(result['ms_ssim'])} |"]
     if result.get("ms_ssim_real") is not None:
         lines.append(f"| MS-SSIM real (mean over {result['ms_ssim_real_pairs']} pairs) | {_fmt(result['ms_ssim_real'])} |")
-    lines += ["", "Lower FID, KID and MMD are better; MS-SSIM near the real set's value is better (higher = less diverse).",
-              "Protocol: see metrics.json and docs/metrics.md. Numbers from different feature extractors, sizes or sample counts are not comparable."]
+    lines.append("| MS-SSIM of the mean volume repeated (no diversity) | 1 |")
+    lines += [
+        "",
+        "Lower FID, KID and MMD are better; MS-SSIM near the real set's value is better (higher = less diverse).",
+        "Scale: generated scores near the real-halves row are as close to the real set as real data is; scores at or "
+        "above the mean-volume row are no better than one average volume repeated.",
+        f"Grid: {grid.get('size', result['protocol']['size'])}^3 ({grid.get('size_from', '-')}), fit mode "
+        f"{grid.get('mode', '-')}; the rule is in metrics.json (protocol.grid).",
+        "Protocol: see metrics.json and docs/metrics.md. Numbers from different feature extractors, sizes or sample counts are not comparable.",
+    ]
     for note in result.get("notes", []):
         lines.append(f"- {note}")
     return "\n".join(lines) + "\n"
@@ -419,16 +556,21 @@ def evaluate(
     extractor_options: Mapping[str, Mapping[str, Any]] | None = None,
     figure: bool = True,
     fid_method: str = "sqrtm",
+    size: int | None = None,
 ) -> dict:
     """Score generated volumes against real ones; writes metrics.json, metrics.md, features.npz, figures.
 
-    real: a hagan cache folder, a folder of raw volumes (preprocessed with ``recipe`` and ``mode`` to the
-    generated size), a stats .npz from ``save_stats``, or an array (N, S, S, S) in [-1, 1].
-    fake: a folder of generated volumes (output units mapped back to [-1, 1] with the recipe from the
-    folder's geometry.json, else ``recipe``, else taken as [-1, 1] if it has negative values), a training
-    run folder (``n`` volumes generated with ``seed``, as ``hagan generate``), or an array in [-1, 1].
+    Both sets are brought to the protocol's cube of edge ``size`` by ``GRID_RULE`` (recorded in metrics.json).
+    real: a hagan cache folder, a folder of raw volumes (preprocessed with ``recipe`` and ``mode``), a stats
+    .npz from ``save_stats``, or an array (N, S, S, S) in [-1, 1].
+    fake: a folder written by ``hagan generate`` (output units mapped back to [-1, 1] with the recipe of its
+    geometry.json), a folder of any tool's volumes of any shape (preprocessed with ``recipe``, or taken as
+    [-1, 1] when it has negative values and no recipe is given), a training run folder (``n`` volumes
+    generated with ``seed``, as ``hagan generate``), or an array in [-1, 1].
     n: generated volumes to use (first n files of a folder); for a run, default the real set's size.
     weights: one path (for the MedicalNet extractor) or {feature name: path}.
+    Every score is also given for two references (``reference`` in the result): one half of the real set
+    against the other (split with ``seed``), and the real set's mean volume repeated n_fake times.
     Returns the metrics.json content.
     """
     start = time.perf_counter()
@@ -455,18 +597,17 @@ def evaluate(
         extractors.append(build_extractor(name, w, dev, allow_unknown_weights, **options.get(name, {})))
     protocols = {e.name: e.protocol() for e in extractors}
 
-    fake_source, geometry = open_fake(fake, n, seed, dev, recipe, class_label)
-    real_is_stats = isinstance(real, (str, os.PathLike)) and str(real).endswith(".npz") and Path(real).is_file()
-    size = fake_source.size if fake_source is not None else int(geometry.get("size") or 0)
-    if fake_source is None and not size:
-        from hagan.api import load_run
-
-        size = load_run(fake, device="cpu").size
-    mode = mode or geometry.get("mode") or "resize_keep_aspect"
+    size, size_from = protocol_size(real, fake, size)
+    fake_geometry = _read_geometry(Path(fake)) if _is_path(fake) and Path(fake).is_dir() else {}
+    mode = mode or fake_geometry.get("mode") or "resize_keep_aspect"
+    fake_source, geometry = open_fake(fake, n, seed, dev, recipe, class_label, size, mode)
+    real_is_stats = _is_stats(real)
     real_recipe = recipe if recipe not in (None, "none") else geometry.get("recipe")
+    if real_recipe == "none":
+        real_recipe = None
 
     notes: list[str] = []
-    real_volumes = None
+    real_volumes = real_mean = None
     if real_is_stats:
         real_features, info = load_stats(real)
         _check_stats(real, info, extractors, size)
@@ -475,14 +616,14 @@ def evaluate(
         n_real = int(info.get("n") or len(real_features[extractors[0].name]["volume"]))
     else:
         real_source = open_real(real, size, real_recipe, mode)
-        real_features, real_volumes = extract_all(
+        real_features, real_volumes, real_mean = extract_all(
             real_source, extractors, batch_size, ms_ssim_volumes, progress, "real features"
         )
         real_desc = real_source.describe()
         n_real = len(real_features[extractors[0].name]["volume"])
     if fake_source is None:
         fake_source = RunSource(Path(fake), n or n_real, seed, dev, class_label)
-    fake_features, fake_volumes = extract_all(
+    fake_features, fake_volumes, _ = extract_all(
         fake_source, extractors, batch_size, ms_ssim_volumes, progress, "generated features"
     )
     n_fake = len(fake_features[extractors[0].name]["volume"])
@@ -499,8 +640,17 @@ def evaluate(
         save_stats_path = None
 
     per_feature = {}
+    halves_n = [n_real // 2, n_real - n_real // 2] if n_real >= 4 else None
     for e in extractors:
         per_feature[e.name] = feature_metrics(real_features[e.name], fake_features[e.name], seed, fid_method)
+        reference: dict[str, Any] = {"real_halves": None, "mean_volume": None}
+        if halves_n is not None:
+            reference["real_halves"] = feature_metrics(*real_halves(real_features[e.name], seed), seed, fid_method)
+        if real_mean is not None:
+            mean_sets = {k: v.double().numpy() for k, v in e.extract_sets(real_mean, batch_size=1).items()}
+            reference["mean_volume"] = feature_metrics(real_features[e.name], repeated(mean_sets, n_fake), seed,
+                                                       fid_method)
+        per_feature[e.name]["reference"] = reference
         dim_set = "axial" if "axial" in fake_features[e.name] else "volume"
         smallest = min(len(real_features[e.name][dim_set]), len(fake_features[e.name][dim_set]))
         if smallest <= e.dim:
@@ -508,6 +658,10 @@ def evaluate(
                 f"{e.name}: {smallest} samples <= {e.dim} feature dimensions: the covariances are rank-deficient and "
                 "FID is biased upwards; compare FID only at equal sample counts, prefer KID for small sets"
             )
+    if halves_n is None:
+        notes.append(f"no real-versus-real reference: it needs at least 4 real volumes, got {n_real}")
+    if real_mean is None:
+        notes.append("no mean-volume reference: the real set is a stats file, which holds no volumes")
 
     ms_fake, pairs_fake = mean_pairwise_ms_ssim(fake_volumes.float(), ms_ssim_pairs, seed, device=dev)
     ms_real, pairs_real = (None, 0)
@@ -529,11 +683,24 @@ def evaluate(
         "ms_ssim_real_pairs": pairs_real,
         "n_real": n_real,
         "n_fake": n_fake,
+        "reference": {
+            "real_halves": first["reference"]["real_halves"] and {"n": halves_n, **first["reference"]["real_halves"]},
+            "mean_volume": first["reference"]["mean_volume"] and {"n": n_fake, "ms_ssim": 1.0,
+                                                                  **first["reference"]["mean_volume"]},
+        },
         "features": per_feature,
         "protocol": {
             "primary_features": extractors[0].name,
             "input_range": [-1.0, 1.0],
             "size": size,
+            "grid": {"size": size, "size_from": size_from, "mode": mode, "rule": GRID_RULE},
+            "reference": {
+                "real_halves": "the real set split at random (seed) into two halves, scored against each other "
+                               "as a generated set would be: what real data scores (smaller samples than the "
+                               "generated comparison, so FID reads slightly high)",
+                "mean_volume": "the real set's voxel-wise mean volume repeated n_fake times, scored against the "
+                               "real set: what a generator that learned only the average scores",
+            },
             "n": n_fake,
             "seed": seed,
             "real": real_desc,
