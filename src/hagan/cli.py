@@ -38,6 +38,7 @@ COMMANDS = {
     "bench": "training memory and speed, generation time, per resolution and batch size",
     "summary": "parameter count of each module of a configuration",
     "translate": "sketch volumes of any domain and generate them in a patch-GAN run's domain",
+    "import-official": "convert the HA-GAN authors' released 256^3 checkpoints into a hagan run",
     "experiment": "the paper's applications: augmentation, features, latent walk",
 }
 

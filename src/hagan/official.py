@@ -332,10 +332,11 @@ def cmd_import_official(args: argparse.Namespace) -> None:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "import-official", help="convert the HA-GAN authors' released 256^3 checkpoints into a hagan run",
-        description="Convert a folder of the HA-GAN authors' checkpoints (G_iterN.pth, E_iterN.pth, Sub_E_iterN.pth; "
-                    "D_iterN.pth is not read) into a run for hagan generate / encode / reconstruct / evaluate. The "
-                    "pickles are read with torch.load(weights_only=True): no code in them runs. "
-                    "Example: hagan import-official COPD_HA_GAN_pretrained --out runs/copdgene",
+        description="convert the HA-GAN authors' released 256^3 checkpoints into a hagan run.\n\n"
+                    "Reads G_iterN.pth, E_iterN.pth and Sub_E_iterN.pth (D_iterN.pth is not read: generation and "
+                    "encoding do not use D) with torch.load(weights_only=True), so no code in them runs, and writes a "
+                    "run for hagan generate / encode / reconstruct / evaluate.",
+        epilog="example:\n  hagan import-official COPD_HA_GAN_pretrained --out runs/copdgene",
     )
     p.add_argument("folder", help="folder holding G_iterN.pth, E_iterN.pth and Sub_E_iterN.pth (the latest N is used)")
     p.add_argument("--out", required=True, help="run folder to create (must not exist, or be empty)")
