@@ -9,6 +9,10 @@
   distances of the pooled sample (HA-GAN's torch_two_sample ``alphas='median'``).
 * ``ms_ssim_3d``: multi-scale SSIM of two volumes with a Gaussian window (see its docstring).
 * ``one_tailed_ttest``: Welch or Student two-sample t-test, one-tailed.
+
+MONAI's FIDMetric, MMDMetric and MultiScaleSSIMMetric are checked against these in tests/test_monai.py.
+These stay because HA-GAN's published numbers use a Gaussian-kernel MMD (MONAI's is linear) and an MS-SSIM
+window that 64^3 volumes fit, and so that evaluating needs no MONAI (docs/metrics.md).
 """
 
 from __future__ import annotations
