@@ -303,3 +303,19 @@ def test_reference_sets_split_and_repeat_by_volume():
     rows = {tuple(r) for r in np.concatenate([a["axial"], b["axial"]])}
     assert rows == {tuple(r) for r in sets["axial"]}
     assert np.array_equal(repeated({"axial": sets["axial"][:2]}, 3)["axial"], np.tile(sets["axial"][:2], (3, 1)))
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["trian"], "hagan: error: argument COMMAND: invalid choice 'trian'; did you mean train or translate?"),
+        (["preprocess", "a", "b", "--recipe", "mrri", "--size", "32"], "argument --recipe: invalid choice 'mrri'; did you mean mri?"),
+        (["experiment", "augmentation", "--preset", "demoo", "--data", "x", "--out", "y"], "invalid choice 'demoo'; did you mean demo?"),
+        (["generate"], "hagan generate: error: the following arguments are required: run, --out (see `hagan generate --help`)"),
+    ],
+)
+def test_argument_errors_are_one_line_with_the_close_choices(argv, expected, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and expected in err and len(err.splitlines()) == 1 and "usage:" not in err

@@ -14,7 +14,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from .errors import HaganError, VolumeError, printable
@@ -460,6 +460,20 @@ class HelpParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        """A wrong choice names the close ones (``did you mean train?``) instead of listing every choice."""
+        if action.choices is None or value in action.choices:
+            return
+        choices = [str(choice) for choice in action.choices]
+        close = difflib.get_close_matches(str(value), choices, n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(close)}?" if close else (
+            f"choose from {', '.join(choices)}" if len(choices) <= 8 else f"`{self.prog} --help` lists them")
+        raise argparse.ArgumentError(action, f"invalid choice {printable(str(value))!r}; {hint}")
+
+    def error(self, message: str) -> NoReturn:
+        """One line, as every other error: the usage block is one ``--help`` away."""
+        self.exit(2, f"{self.prog}: error: {error_line(message)} (see `{self.prog} --help`)\n")
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, details: str, example: str) -> argparse.ArgumentParser:
