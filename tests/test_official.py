@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from hagan.api import load_run
+from hagan.checkpoint import load_checkpoint
 from hagan.cli import main
 from hagan.errors import HaganError
 from hagan.official import import_official
@@ -193,6 +194,13 @@ def test_the_run_records_what_was_imported_and_says_how_d_is_treated(imported):
     assert "not imported" in state and "G_iter80000.pth" in state
     printed = imported[2]
     assert "GSP brain MRI" in printed and "D not imported" in printed and "hagan generate" in printed
+
+
+def test_an_imported_run_cannot_be_resumed(imported):
+    run = imported[1]["copdgene"]
+    optimizer = torch.optim.Adam(run.model.parameters())
+    with pytest.raises(HaganError, match="imported from published weights, which hold no training state"):
+        load_checkpoint(run.checkpoint, run.model, {"G": optimizer}, torch.Generator())
 
 
 # ----- files that are not such checkpoints: one line naming the first mismatch ----------------------

@@ -281,6 +281,9 @@ def load_checkpoint(
             raise HaganError(f"{checkpoint}: not a complete checkpoint (no {name})")
     load_weights(model, checkpoint / WEIGHTS)
     state = read_state(checkpoint / STATE)
+    if optimizers is not None and "imported" in state:
+        raise HaganError(f"{display_path(checkpoint)}: imported from published weights, which hold no training "
+                         "state; use it with generate, encode, reconstruct or evaluate, not --resume")
     if optimizers is not None or rng is not None:
         tensors, meta = read_training_state(checkpoint / TRAINING_STATE)
         for name, optimizer in (optimizers or {}).items():
