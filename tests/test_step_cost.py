@@ -35,3 +35,28 @@ def test_the_counter_sees_a_read_back():
         float(torch.ones(3).sum())
         bool(torch.ones(()) > 0)
     assert cost.syncs == 2 and cost.ops >= 4
+
+
+def test_recomputing_high_res_activations_gives_the_same_step_in_less_memory():
+    """train.recompute_activations (paper-512's setting) changes memory only: the same weights after a
+    step, bitwise on CPU, and a lower peak."""
+    import torch
+
+    from hagan.models.patchgan import TensorMemoryPeak
+
+    g = torch.Generator().manual_seed(0)
+    data = {"image": torch.rand(2, 1, 64, 64, 64, generator=g) * 2 - 1, "label": torch.full((2,), -1)}
+    weights, peaks = [], []
+    for recompute in (False, True):
+        model = step_cost.build("paper-128", 64, 0.25, 2, [{"model": {"latent_dim": 16},
+                                                            "train": {"recompute_activations": recompute}}])
+        assert model.high_gen.recompute is recompute
+        rng = torch.Generator().manual_seed(0)
+        model.train_step(dict(data), 0, rng)
+        with TensorMemoryPeak() as probe:
+            model.train_step(dict(data), 1, rng)
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+        peaks.append(probe.peak)
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert peaks[1] < 0.9 * peaks[0], peaks

@@ -73,10 +73,12 @@ class HAGAN(GenerativeModel):
         self.num_classes = m.num_classes
         self.feature_depth = m.size // LOW_RES_FACTOR
         self.slab_features = self.feature_depth // SLABS_PER_VOLUME
-        self.common = CommonGenerator(m.size, m.latent_dim, m.num_classes, m.width, upsample=m.upsample)
+        recompute = config.train.recompute_activations
+        self.common = CommonGenerator(m.size, m.latent_dim, m.num_classes, m.width, upsample=m.upsample,
+                                      recompute=recompute)
         features = self.common.out_channels
         self.high_gen = HighResGenerator(features, m.width, norm="channel" if m.consistent_slabs else "group",
-                                         upsample=m.upsample)
+                                         upsample=m.upsample, recompute=recompute)
         self.high_disc = HighResDiscriminator(m.size, m.num_classes, m.width, m.minibatch_std)
         self.low_gen = LowResGenerator(features, m.width) if m.low_res_branch else None
         self.low_disc = LowResDiscriminator(m.size, m.num_classes, m.width, m.minibatch_std) if m.low_res_branch else None
