@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--class", dest="class_label", type=non_negative_int, help="class to generate (conditional models)")
-    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                    help="override the run's train.precision (auto: bf16 on GPUs, float32 on CPU)")
     p.add_argument("--tile-depth", type=non_negative_int, default=0,

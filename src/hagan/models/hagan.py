@@ -455,6 +455,17 @@ class HAGAN(GenerativeModel):
     def sample(self, n: int, rng: torch.Generator, labels: Tensor | None = None) -> Tensor:
         return self.decode(self.latent(n, rng), labels)
 
+    def decode_bytes(self) -> int:
+        """Working memory of decoding one volume, for choosing a batch: dominated by G^H's full-size
+        intermediates, about 2.5 float32 values per voxel and G^H channel untiled (5.2 GB at 256^3 on an
+        H100); tiled, the half-size first-convolution output and the result."""
+        _, _, high_gen = self.inference_generator()
+        channels = high_gen.body[1][0].out_channels
+        voxels = self.size**3
+        if self.tile_depth or self.size >= UNTILED_LIMIT:
+            return 4 * (channels * voxels // 8 + 2 * voxels)
+        return 10 * channels * voxels
+
     def encode_slabs(self, volumes: Tensor) -> Tensor:
         """E^H over all eight non-overlapping slabs in one batched call, concatenated along depth into A-hat."""
         b, s = volumes.shape[0], self.size
