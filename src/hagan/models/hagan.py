@@ -31,6 +31,7 @@ SLABS_PER_VOLUME = 8
 # index (an H100 answers "invalid argument"), so inference there always runs over depth tiles
 UNTILED_LIMIT = 512
 LOW_RES_FACTOR = 4
+ENCODE_VOXELS_PER_CALL = 2**27  # one 512^3 volume, four 256^3 ones
 
 
 EMA_MODULES = ("common", "low_gen", "high_gen")
@@ -456,21 +457,27 @@ class HAGAN(GenerativeModel):
         return self.decode(self.latent(n, rng), labels)
 
     def decode_bytes(self) -> int:
-        """Working memory of decoding one volume, for choosing a batch: dominated by G^H's full-size
-        intermediates, about 2.5 float32 values per voxel and G^H channel untiled (5.2 GB at 256^3 on an
-        H100); tiled, the half-size first-convolution output and the result."""
+        """Working memory of decoding one volume, for choosing a batch, per output voxel and G^H channel as
+        measured on an H100: 10 bytes untiled (5.2 GB at 256^3), where G^H's full-size intermediates
+        dominate, and 2 bytes tiled (7.9 GB at 512^3), which keeps the half-size buffer and the result."""
         _, _, high_gen = self.inference_generator()
         channels = high_gen.body[1][0].out_channels
-        voxels = self.size**3
-        if self.tile_depth or self.size >= UNTILED_LIMIT:
-            return 4 * (channels * voxels // 8 + 2 * voxels)
-        return 10 * channels * voxels
+        per_voxel = 2 if self.tile_depth or self.size >= UNTILED_LIMIT else 10
+        return per_voxel * channels * self.size**3
 
     def encode_slabs(self, volumes: Tensor) -> Tensor:
-        """E^H over all eight non-overlapping slabs in one batched call, concatenated along depth into A-hat."""
+        """E^H over the eight non-overlapping slabs of each volume, concatenated along depth into A-hat.
+
+        Batched calls of at most ``ENCODE_VOXELS_PER_CALL`` input voxels: E^H's first two outputs hold 4
+        values per input voxel at full width, so at 512^3 one volume per call keeps them at 2 GiB each
+        instead of 4 GiB at batch 2; below 512^3 the whole batch is still one call."""
         b, s = volumes.shape[0], self.size
         slabs = volumes.reshape(b * SLABS_PER_VOLUME, 1, self.slab_depth, s, s)
-        features = self.slab_encoder(slabs)
+        per_call = max(1, ENCODE_VOXELS_PER_CALL // s**3) * SLABS_PER_VOLUME
+        if len(slabs) <= per_call:
+            features = self.slab_encoder(slabs)
+        else:
+            features = torch.cat([self.slab_encoder(chunk) for chunk in slabs.split(per_call)])
         _, c, d, h, w = features.shape
         return features.reshape(b, SLABS_PER_VOLUME, c, d, h, w).transpose(1, 2).reshape(b, c, d * SLABS_PER_VOLUME, h, w)
 
