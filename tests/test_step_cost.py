@@ -61,18 +61,3 @@ def test_recomputing_high_res_activations_gives_the_same_step_in_less_memory():
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert peaks[1] < 0.9 * peaks[0], peaks
 
-
-def test_encoding_slabs_one_volume_per_call_gives_the_same_codes(monkeypatch):
-    import torch
-
-    from hagan.models import hagan
-
-    model = step_cost.build("paper-128", 32, 0.25, 3, [{"model": {"latent_dim": 16}}]).eval()
-    volumes = torch.rand(3, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    with torch.no_grad():
-        whole = model.encode_slabs(volumes)
-        monkeypatch.setattr(hagan, "ENCODE_VOXELS_PER_CALL", 32**3)
-        calls = []
-        model.slab_encoder.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
-        torch.testing.assert_close(model.encode_slabs(volumes), whole, rtol=0, atol=1e-6)
-    assert calls == [8, 8, 8]

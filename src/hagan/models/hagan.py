@@ -31,7 +31,6 @@ SLABS_PER_VOLUME = 8
 # index (an H100 answers "invalid argument"), so inference there always runs over depth tiles
 UNTILED_LIMIT = 512
 LOW_RES_FACTOR = 4
-ENCODE_VOXELS_PER_CALL = 2**27  # one 512^3 volume, four 256^3 ones
 
 
 EMA_MODULES = ("common", "low_gen", "high_gen")
@@ -466,18 +465,10 @@ class HAGAN(GenerativeModel):
         return per_voxel * channels * self.size**3
 
     def encode_slabs(self, volumes: Tensor) -> Tensor:
-        """E^H over the eight non-overlapping slabs of each volume, concatenated along depth into A-hat.
-
-        Batched calls of at most ``ENCODE_VOXELS_PER_CALL`` input voxels: E^H's first two outputs hold 4
-        values per input voxel at full width, so at 512^3 one volume per call keeps them at 2 GiB each
-        instead of 4 GiB at batch 2; below 512^3 the whole batch is still one call."""
+        """E^H over all eight non-overlapping slabs in one batched call, concatenated along depth into A-hat."""
         b, s = volumes.shape[0], self.size
         slabs = volumes.reshape(b * SLABS_PER_VOLUME, 1, self.slab_depth, s, s)
-        per_call = max(1, ENCODE_VOXELS_PER_CALL // s**3) * SLABS_PER_VOLUME
-        if len(slabs) <= per_call:
-            features = self.slab_encoder(slabs)
-        else:
-            features = torch.cat([self.slab_encoder(chunk) for chunk in slabs.split(per_call)])
+        features = self.slab_encoder(slabs)
         _, c, d, h, w = features.shape
         return features.reshape(b, SLABS_PER_VOLUME, c, d, h, w).transpose(1, 2).reshape(b, c, d * SLABS_PER_VOLUME, h, w)
 
