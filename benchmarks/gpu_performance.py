@@ -31,7 +31,14 @@ VARIANTS = {
     "bf16": {"train": {"precision": "bf16"}},
     "bf16-cl": {"train": {"precision": "bf16", "channels_last": True}},
     "bf16-compile": {"train": {"precision": "bf16", "compile": True}},
+    "fp32-compile": {"train": {"precision": "fp32", "compile": True}},
+    "bf16-compile-graphs": {"train": {"precision": "bf16", "compile": True}},
+    "fp32-compile-graphs": {"train": {"precision": "fp32", "compile": True}},
+    "bf16-recompute": {"train": {"precision": "bf16", "recompute_activations": True}},
 }
+# environment of the benchmark's child processes per variant: Inductor replays its kernels as CUDA graphs
+VARIANT_ENV = {"bf16-compile-graphs": {"TORCHINDUCTOR_CUDAGRAPHS": "1"},
+               "fp32-compile-graphs": {"TORCHINDUCTOR_CUDAGRAPHS": "1"}}
 
 
 def compare(row: dict) -> dict:
@@ -76,6 +83,8 @@ def main() -> int:
     extra = [json.loads(args.preset_overrides)] if args.preset_overrides else []
     rows, table = [], []
     for variant in args.variants:
+        os.environ.pop("TORCHINDUCTOR_CUDAGRAPHS", None)
+        os.environ.update(VARIANT_ENV.get(variant, {}))
         for row in run_bench(sizes=args.sizes, batch_sizes=args.batch_sizes, device="cuda", iterations=args.iterations,
                              warmup=args.warmup, generate_batch=args.generate_batch,
                              config_overrides=[VARIANTS[variant], *extra], max_seconds=args.max_seconds or None,
@@ -89,7 +98,8 @@ def main() -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        name = f"perf_{'_'.join(args.variants)}_{'_'.join(map(str, args.sizes))}_g{args.generate_batch}_t{args.tile_depth}.json"
+        name = (f"perf_{'_'.join(args.variants)}_{'_'.join(map(str, args.sizes))}_b{'_'.join(map(str, args.batch_sizes))}"
+                f"_g{args.generate_batch}_t{args.tile_depth}.json")
         (out / name).write_text(json.dumps(result, indent=2))
     print(json.dumps(table, indent=1))
     return 0

@@ -304,6 +304,16 @@ def test_load_run_tile_depth_gives_the_untiled_volumes(tiny_run):
                                torch.from_numpy(reference.generate(2, seed=5)), rtol=0, atol=1e-5)
 
 
+def test_generation_batches_by_default_and_gives_the_volumes_of_one_at_a_time(tiny_run):
+    run = load_run(tiny_run)
+    assert run.generate_batch_size() == 8  # a tiny 32^3 model fits many in the CPU budget
+    one_by_one = run.generate(3, seed=5, batch_size=1)
+    torch.testing.assert_close(torch.from_numpy(run.generate(3, seed=5)), torch.from_numpy(one_by_one), rtol=0, atol=1e-5)
+    untiled = run.model.decode_bytes()
+    run.model.tile_depth = 2
+    assert run.model.decode_bytes() < untiled / 2  # tiling keeps only the half-size buffer and the result
+
+
 def test_load_run_precision_override(tiny_run):
     reference = load_run(tiny_run, precision="fp32").generate(2, seed=5)
     run = load_run(tiny_run, precision="bf16")

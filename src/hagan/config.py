@@ -92,6 +92,9 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool = False
     compile: bool = False
+    # recompute the generators' upsampled activations (G^A, G^H) in the backward pass instead of keeping
+    # them: the same gradients in less memory, for one more generator forward per update
+    recompute_activations: bool = False
     ema_kimg: float = 0.0
     ema_rampup: float = 0.05
 
@@ -141,7 +144,7 @@ def with_sections(base: dict[str, Any], **sections: dict[str, Any]) -> dict[str,
 PRESETS: dict[str, dict[str, Any]] = {
     "paper-256": {"model": {"size": 256}},
     "paper-128": {"model": {"size": 128}},
-    "paper-512": {"model": {"size": 512}, "optim": {"batch_size": 2}},
+    "paper-512": {"model": {"size": 512}, "optim": {"batch_size": 2}, "train": {"recompute_activations": True}},
     "small-data-128": with_sections(SMALL_DATA, model={"size": 128}),
     "demo": with_sections(
         SMALL_DATA,

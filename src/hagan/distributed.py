@@ -126,11 +126,12 @@ class DistContext:
             self.owns_group = False
 
 
-def sync_gradients(ctx: DistContext, params: Iterable[Tensor], loss: Tensor) -> tuple[float, bool, bool]:
-    """Average the gradients of ``params`` (and ``loss``) over ranks; report whether they are finite.
+def sync_gradients(ctx: DistContext, params: Iterable[Tensor], loss: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Average the gradients of ``params`` (and ``loss``) over ranks; say whether they are finite.
 
     One flat all_reduce carries every gradient and the loss, so all ranks see the same averaged
-    values and take the same decision on divergence. Returns (mean loss, loss finite, grads finite).
+    values and take the same decision on divergence. Returns (mean loss, loss finite, grads finite)
+    as device tensors, so that nothing is read back to the host here.
     """
     grads = [p.grad for p in params if p.grad is not None]
     loss_value = loss.detach().float().reshape(1)
@@ -144,15 +145,13 @@ def sync_gradients(ctx: DistContext, params: Iterable[Tensor], loss: Tensor) -> 
             g.copy_(flat[offset : offset + n].view_as(g))
             offset += n
         loss_value = flat[:1].float()
-        grads_finite = bool(torch.isfinite(flat[1:]).all())
+        grads_finite = torch.isfinite(flat[1:]).all()
+    elif grads:
+        grads_finite = torch.isfinite(torch.stack(torch._foreach_norm(grads)).float()).all()
     else:
-        if grads:
-            norms = torch._foreach_norm(grads) if hasattr(torch, "_foreach_norm") else [g.norm() for g in grads]
-            grads_finite = bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
-        else:
-            grads_finite = True
-    value = float(loss_value)
-    return value, bool(torch.isfinite(loss_value).all()), grads_finite
+        grads_finite = torch.ones((), dtype=torch.bool, device=loss.device)
+    value = loss_value.reshape(())
+    return value, torch.isfinite(value), grads_finite
 
 
 def env_world_size() -> int:

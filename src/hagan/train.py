@@ -400,14 +400,28 @@ class Trainer:
         with open(self.run_dir / SCALARS_FILE, "a") as scalars_file:
             scalars_file.write(json.dumps({"iteration": iteration, "eval/kid": value}) + "\n")
 
-    def _average_logs(self, logs: dict[str, float]) -> dict[str, float]:
-        """Rank-averaged scalars, so every rank logs and judges divergence on the same numbers."""
-        if not self.dist.enabled:
-            return logs
+    def _read_logs(self, logs: dict[str, torch.Tensor | float]) -> dict[str, float]:
+        """The iteration's scalars (device tensors or numbers) as rank-averaged numbers, in one read from
+        the device, so every rank logs and judges divergence on the same numbers."""
         keys = sorted(logs)
-        values = self.dist.all_reduce_mean(torch.tensor([logs[k] for k in keys], dtype=torch.float64,
-                                                        device=self._comm_device))
+        values = torch.stack([torch.as_tensor(logs[k], dtype=torch.float64, device=self._comm_device).reshape(())
+                              for k in keys])
+        if self.dist.enabled:
+            values = self.dist.all_reduce_mean(values)
         return dict(zip(keys, values.tolist()))
+
+    def _check_divergence(self, logs: dict[str, float] | None, iteration: int) -> None:
+        """Raise the first non-finite update the model recorded on the device since the last check, else
+        a non-finite logged value; ``iteration`` (1-based) is the one just trained."""
+        err = self.model.take_divergence()
+        if err is not None:
+            err.noticed = iteration
+            raise err
+        bad = [k for k, v in (logs or {}).items() if not math.isfinite(v)]
+        if bad:
+            err = DivergenceError(None, logs[bad[0]], "non-finite value", name=bad[0])
+            err.iteration = iteration
+            raise err
 
     @property
     def _comm_device(self) -> torch.device:
@@ -462,13 +476,19 @@ class Trainer:
                     if self._should_stop(stop, deadline):
                         self.stopped_by_signal = stop.requested
                         break
+                    done = iteration + 1
+                    logged = done % t.log_every == 0 or done == t.iterations
                     try:
-                        logs = self._average_logs(self.model.train_step(self.next_batch(), iteration, self.rng))
-                        bad = [k for k, v in logs.items() if not math.isfinite(v)]
-                        if bad:
-                            raise DivergenceError(None, logs[bad[0]], "non-finite value", name=bad[0])
+                        self.model.iteration = iteration
+                        step_logs = self.model.train_step(self.next_batch(), iteration, self.rng)
+                        # read back only when logging or before a checkpoint: the updates skip
+                        # non-finite steps on the device, and the model keeps the first one
+                        logs = self._read_logs(step_logs) if logged else None
+                        if logged or done % t.checkpoint_every == 0:
+                            self._check_divergence(logs, done)
                     except DivergenceError as err:
-                        err.iteration = iteration + 1
+                        if err.iteration is None:
+                            err.iteration = done
                         iteration = self.rollback(err, snapshot)
                         bar.reset(total=t.iterations)
                         bar.update(iteration)
@@ -480,7 +500,7 @@ class Trainer:
                     self.dist.broadcast_module(self.model, buffers_only=True)
                     iteration += 1
                     bar.update(1)
-                    if main and (iteration % t.log_every == 0 or iteration == t.iterations):
+                    if main and logged:
                         bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in logs.items() if k.startswith("loss/")})
                         logs["speed/it_per_s"] = (iteration - self.start_iteration) / (time.perf_counter() - started)
                         for key, value in logs.items():
@@ -494,6 +514,10 @@ class Trainer:
                     if iteration % t.checkpoint_every == 0:
                         self.save(iteration)
                         snapshot = None
+                err = self.model.take_divergence()
+                if err is not None:  # stopped by a signal or the time limit between two checks
+                    err.noticed = iteration
+                    iteration = self.rollback(err, snapshot)
                 if main and iteration % t.sample_every:
                     self.write_samples(iteration, writer)
         finally:

@@ -15,19 +15,34 @@ from ..errors import HaganError
 
 
 class DivergenceError(HaganError):
-    """A loss or a gradient became NaN or Inf; the optimizer step was not taken."""
+    """A loss or a gradient became NaN or Inf; that optimizer step was not taken."""
 
     def __init__(self, step: str | None, loss: float, where: str, name: str | None = None):
         self.step, self.loss, self.where = step, loss, where
         self.name = name or f"loss/{step}"
         self.iteration: int | None = None
+        self.noticed: int | None = None  # when the trainer read the device-side record, if later
         super().__init__(self.describe())
 
     def describe(self) -> str:
         """E.g. ``training diverged at iteration 12: non-finite gradient in the D step (loss/D = 0.71)``."""
         at = f" at iteration {self.iteration}" if self.iteration is not None else ""
         step = f" in the {self.step} step" if self.step else ""
-        return f"training diverged{at}: {self.where}{step} ({self.name} = {self.loss})"
+        later = ""
+        if self.noticed is not None and self.iteration is not None and self.noticed > self.iteration:
+            later = f" (read back at iteration {self.noticed}; no update with a non-finite value was applied)"
+        return f"training diverged{at}: {self.where}{step} ({self.name} = {self.loss}){later}"
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` can skip its step on the device (a fused optimizer's ``found_inf``)."""
+    return all(group.get("fused") for group in optimizer.param_groups)
+
+
+def adam(params: Any, lr: float, betas: tuple[float, float], eps: float = 1e-8) -> torch.optim.Adam:
+    """Fused Adam on every device: one kernel for all parameters, and a step that ``found_inf`` can skip
+    without the host reading anything back (as torch.amp's GradScaler skips steps)."""
+    return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True)
 
 
 class GenerativeModel(nn.Module, ABC):
@@ -37,6 +52,8 @@ class GenerativeModel(nn.Module, ABC):
         super().__init__()
         self.config = config
         self.dist = DistContext()  # the trainer sets the real one under torchrun
+        self.iteration = 0  # the trainer's 0-based iteration, for the divergence record
+        self._divergence: Tensor | None = None
 
     @abstractmethod
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -57,25 +74,57 @@ class GenerativeModel(nn.Module, ABC):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what ``extra_state`` returned."""
 
-    def update(self, name: str, loss: Tensor) -> float:
+    def update(self, name: str, loss: Tensor) -> Tensor | float:
         """One optimizer step: zero_grad, backward, average gradients over ranks, check, step.
 
         All four of HA-GAN's updates go through here, so data-parallel training has DDP's semantics
-        (gradients averaged over ranks before the step) even with double backward, and NaN or Inf in
-        the loss or a gradient raises :class:`DivergenceError` before the weights are touched.
-        Returns the loss averaged over ranks.
+        (gradients averaged over ranks before the step) even with double backward. A non-finite loss
+        or gradient never reaches the weights: a fused optimizer skips the step on the device and the
+        first such update is recorded there (``take_divergence`` reads it, as the trainer does every
+        ``train.log_every`` iterations); any other optimizer is checked on the host, which raises
+        :class:`DivergenceError` before the step. Returns the loss averaged over ranks: a device
+        tensor when the step was guarded on the device, else a float.
         """
         optimizer = self.optimizers()[name]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for group in optimizer.param_groups for p in group["params"]]
         value, loss_finite, grads_finite = sync_gradients(self.dist, params, loss)
-        if not loss_finite:
-            raise DivergenceError(name, value, "non-finite loss")
-        if not grads_finite:
-            raise DivergenceError(name, value, "non-finite gradient")
+        if not skips_on_device(optimizer):
+            if not bool(loss_finite):
+                raise DivergenceError(name, float(value), "non-finite loss")
+            if not bool(grads_finite):
+                raise DivergenceError(name, float(value), "non-finite gradient")
+            optimizer.step()
+            return float(value)
+        finite = loss_finite & grads_finite
+        self._record_divergence(list(self.optimizers()).index(name), value, loss_finite, finite)
+        optimizer.found_inf = (~finite).float()
         optimizer.step()
         return value
+
+    def _record_divergence(self, index: int, value: Tensor, loss_finite: Tensor, finite: Tensor) -> None:
+        """Keep (1-based iteration, update index, loss, loss finite) of the first non-finite update on the
+        device: all zeros while there was none."""
+        record = self._divergence
+        if record is None:
+            record = torch.zeros(4, dtype=torch.float64, device=value.device)
+        v = value.detach().double().reshape(())
+        entry = torch.stack([torch.full_like(v, self.iteration + 1), torch.full_like(v, index), v, loss_finite.double()])
+        self._divergence = torch.where(~finite & (record[0] == 0), entry, record)
+
+    def take_divergence(self) -> DivergenceError | None:
+        """The first non-finite update since the last call (one read from the device), then forget it."""
+        record, self._divergence = self._divergence, None
+        if record is None:
+            return None
+        iteration, index, loss, loss_finite = record.tolist()
+        if iteration == 0:
+            return None
+        err = DivergenceError(list(self.optimizers())[int(index)], loss,
+                              "non-finite gradient" if loss_finite else "non-finite loss")
+        err.iteration = int(iteration)
+        return err
 
     def train_latent(self, n: int, rng: torch.Generator) -> Tensor:
         """Latents for this rank's ``n`` items: the global batch's latents are drawn on every rank and

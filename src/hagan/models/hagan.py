@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..augment import AdaptiveAugmentStrength, diff_augment
 from ..config import Config
 from ..losses import discriminator_loss, generator_loss, gradient_penalty, latent_moment_penalty, r1_penalty
-from .base import GenerativeModel
+from .base import GenerativeModel, adam
 from .tiling import tiled_high_res
 from .networks import (
     CommonGenerator,
@@ -73,10 +73,12 @@ class HAGAN(GenerativeModel):
         self.num_classes = m.num_classes
         self.feature_depth = m.size // LOW_RES_FACTOR
         self.slab_features = self.feature_depth // SLABS_PER_VOLUME
-        self.common = CommonGenerator(m.size, m.latent_dim, m.num_classes, m.width, upsample=m.upsample)
+        recompute = config.train.recompute_activations
+        self.common = CommonGenerator(m.size, m.latent_dim, m.num_classes, m.width, upsample=m.upsample,
+                                      recompute=recompute)
         features = self.common.out_channels
         self.high_gen = HighResGenerator(features, m.width, norm="channel" if m.consistent_slabs else "group",
-                                         upsample=m.upsample)
+                                         upsample=m.upsample, recompute=recompute)
         self.high_disc = HighResDiscriminator(m.size, m.num_classes, m.width, m.minibatch_std)
         self.low_gen = LowResGenerator(features, m.width) if m.low_res_branch else None
         self.low_disc = LowResDiscriminator(m.size, m.num_classes, m.width, m.minibatch_std) if m.low_res_branch else None
@@ -90,7 +92,7 @@ class HAGAN(GenerativeModel):
             else None
         )
         self._optimizers: dict[str, torch.optim.Optimizer] | None = None
-        self._last_r1: dict[str, float] = {}
+        self._last_r1: dict[str, Tensor | float] = {}
         self.tile_depth = 0  # feature slices per G^H tile at inference (0: whole volume at once, except 512^3)
 
     # ----- geometry of slabs ---------------------------------------------------------------------
@@ -127,15 +129,18 @@ class HAGAN(GenerativeModel):
         return self.slab_depth * self.size * self.size, (self.size // LOW_RES_FACTOR) ** 3
 
     # ----- networks ----------------------------------------------------------------------------
-    def onehot(self, labels: Tensor | None) -> Tensor | None:
+    def onehot(self, labels: Tensor | None, check: bool = True) -> Tensor | None:
+        """One-hot class vectors; ``check=False`` skips the range check, which reads the labels back to the
+        host (training does: the trainer checked every label of the data before the first iteration)."""
         if not self.num_classes:
             return None
         if labels is None:
             raise ValueError(f"this model is class-conditional ({self.num_classes} classes): pass class labels")
         labels = labels.to(self.device).long()
-        if labels.min() < 0 or labels.max() >= self.num_classes:
+        if check and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"class labels must lie in 0..{self.num_classes - 1}, got {labels.tolist()}")
-        return F.one_hot(labels, self.num_classes).float()
+        # a comparison, not F.one_hot, which on CPU reads the labels back to check them
+        return (labels[:, None] == torch.arange(self.num_classes, device=self.device)).float()
 
     def generate_parts(self, z: Tensor, start: int, onehot: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Training-time generator: the slab at ``start`` and the whole low-resolution image.
@@ -202,26 +207,25 @@ class HAGAN(GenerativeModel):
             o = self.config.optim
             betas = (o.beta1, o.beta2)
 
-            def adam(modules: list[nn.Module | None], lr: float) -> torch.optim.Optimizer:
-                params = [p for module in modules if module is not None for p in module.parameters()]
-                fused = self.device.type == "cuda"  # one kernel for all parameters instead of several per tensor
-                return torch.optim.Adam(params, lr=lr, betas=betas, eps=1e-8, fused=fused)
+            def of(modules: list[nn.Module | None], lr: float) -> torch.optim.Optimizer:
+                return adam([p for module in modules if module is not None for p in module.parameters()], lr, betas)
 
             self._optimizers = {
-                "G": adam([self.common, self.low_gen, self.high_gen], o.lr_g),
-                "D": adam([self.high_disc, self.low_disc], o.lr_d),
+                "G": of([self.common, self.low_gen, self.high_gen], o.lr_g),
+                "D": of([self.high_disc, self.low_disc], o.lr_d),
             }
             if self.slab_encoder is not None:
-                self._optimizers["E_H"] = adam([self.slab_encoder], o.lr_e)
-                self._optimizers["E_G"] = adam([self.global_encoder], o.lr_e)
+                self._optimizers["E_H"] = of([self.slab_encoder], o.lr_e)
+                self._optimizers["E_G"] = of([self.global_encoder], o.lr_e)
         return self._optimizers
 
-    def train_step(self, batch: dict[str, Tensor], iteration: int, rng: torch.Generator) -> dict[str, float]:
+    def train_step(self, batch: dict[str, Tensor], iteration: int, rng: torch.Generator) -> dict[str, Tensor | float]:
         """The authors' order: D step, G step, E^H step, E^G step, each updating only its own module;
-        then the averaged generator follows G."""
+        then the averaged generator follows G. The scalars stay on the device (the trainer reads them when
+        it logs), so an iteration waits on the host only for its slab start and, every few, for ADA."""
         loss_cfg = self.config.loss
         real = batch["image"].to(self.device, memory_format=self.memory_format, non_blocking=True)
-        onehot = self.onehot(batch["label"]) if self.num_classes else None
+        onehot = self.onehot(batch["label"], check=False) if self.num_classes else None
         labels = batch["label"].to(self.device) if self.num_classes else None
         start = self.sample_start(iteration, rng)
         real_slab = self.real_slab(real, start)
@@ -237,11 +241,11 @@ class HAGAN(GenerativeModel):
         self.train_only(*self.trained_modules)
         return logs
 
-    def discriminator_step(self, step: "StepInputs", iteration: int, rng: torch.Generator) -> dict[str, float]:
+    def discriminator_step(self, step: "StepInputs", iteration: int, rng: torch.Generator) -> dict[str, Tensor | float]:
         """D^H and D^L: tell real slabs and images from generated ones, plus the penalties; G is frozen."""
         loss_cfg = self.config.loss
         self.train_only(self.high_disc, self.low_disc)
-        logs: dict[str, float] = {}
+        logs: dict[str, Tensor | float] = {}
         with torch.no_grad(), self.autocast():
             fake_slab, fake_low = self.generate_parts(self.train_latent(step.real.shape[0], rng), step.start, step.onehot)
         aug_real = (self.augment(step.real_slab, step.aug_rng), self.augment(step.real_low, step.aug_rng))
@@ -251,17 +255,17 @@ class HAGAN(GenerativeModel):
             fake_heads = self.head_logits(*aug_fake, step.r)
         d_loss = sum(w * discriminator_loss(loss_cfg.kind, real, fake)
                      for (real, _, w), (fake, _, _) in zip(real_heads, fake_heads))
-        logs["loss/D_adv"] = float(d_loss.detach())
+        logs["loss/D_adv"] = d_loss.detach()
         d_loss = d_loss + self.penalties(aug_real, aug_fake, step, iteration, logs)
         if step.labels is not None:
             # the class term on real volumes has weight 1 in D (the authors' code), lambda_class only in G
             d_cls = sum(w * F.cross_entropy(cls.float(), step.labels) for _, cls, w in real_heads)
             d_loss = d_loss + d_cls
-            logs["loss/D_class"] = float(d_cls.detach())
+            logs["loss/D_class"] = d_cls.detach()
         logs["loss/D"] = self.update("D", d_loss)
         real_logit = torch.stack([h[0].detach().float() for h in real_heads]).mean(0)
-        logs["D/real_logit"] = float(real_logit.mean())
-        logs["D/fake_logit"] = float(torch.stack([h[0].detach().float() for h in fake_heads]).mean())
+        logs["D/real_logit"] = real_logit.mean()
+        logs["D/fake_logit"] = torch.stack([h[0].detach().float() for h in fake_heads]).mean()
         if self.augment_strength is not None:
             # ADA's feedback sees the logits of the whole global batch, so p stays the same on all ranks
             logs["aug/p"] = self.augment_strength.update(self.dist.all_gather_cat(real_logit))
@@ -269,7 +273,7 @@ class HAGAN(GenerativeModel):
 
     def penalties(
         self, aug_real: tuple[Tensor, Tensor | None], aug_fake: tuple[Tensor, Tensor | None], step: "StepInputs",
-        iteration: int, logs: dict[str, float],
+        iteration: int, logs: dict[str, Tensor | float],
     ) -> Tensor:
         """WGAN-GP and R1 on each adversarial term's own inputs, in float32 whatever the training precision."""
         loss_cfg = self.config.loss
@@ -280,13 +284,13 @@ class HAGAN(GenerativeModel):
             if loss_cfg.kind == "wgan-gp":
                 gp = gradient_penalty(critic, reals, fakes, step.aug_rng)
                 total = total + weight * loss_cfg.gp_lambda * gp
-                logs[f"loss/D_gp{name}"] = float(gp.detach())
+                logs[f"loss/D_gp{name}"] = gp.detach()
             if use_r1:
                 gamma = loss_cfg.r1_gamma or loss_cfg.r1_per_voxel * voxels / self.config.optim.batch_size
                 r1 = r1_penalty(critic, reals)
                 # lazy regularisation: applied every r1_every steps, scaled so its average weight is unchanged
                 total = total + weight * gamma / 2 * r1 * loss_cfg.r1_every
-                self._last_r1[f"loss/D_r1{name}"] = float(r1.detach())
+                self._last_r1[f"loss/D_r1{name}"] = r1.detach()
         logs.update(self._last_r1)  # a lazy R1's latest value, so that every logged iteration shows it
         return total
 
@@ -310,21 +314,21 @@ class HAGAN(GenerativeModel):
                     ("_low", low, ([aug_real[1]], [aug_fake[1]]), w_low, low_voxels)]
         return [("", joint, (list(aug_real), list(aug_fake)), 1.0, slab_voxels + low_voxels)]
 
-    def generator_step(self, step: "StepInputs", rng: torch.Generator) -> dict[str, float]:
+    def generator_step(self, step: "StepInputs", rng: torch.Generator) -> dict[str, Tensor | float]:
         """G^A, G^L, G^H: fool both discriminators on a new z with the same r, and (with
         ``loss.lambda_recon_generator``) regenerate the real batch from its codes through frozen encoders."""
         loss_cfg = self.config.loss
         self.train_only(*self.generator_modules)
-        logs: dict[str, float] = {}
+        logs: dict[str, Tensor | float] = {}
         with self.autocast():
             fake_slab, fake_low = self.generate_parts(self.train_latent(step.real.shape[0], rng), step.start, step.onehot)
             heads = self.head_logits(self.augment(fake_slab, step.aug_rng), self.augment(fake_low, step.aug_rng), step.r)
         g_loss = sum(w * generator_loss(loss_cfg.kind, logit) for logit, _, w in heads)
-        logs["loss/G_adv"] = float(g_loss.detach())
+        logs["loss/G_adv"] = g_loss.detach()
         if step.labels is not None:
             g_cls = sum(w * F.cross_entropy(cls.float(), step.labels) for _, cls, w in heads)
             g_loss = g_loss + loss_cfg.lambda_class * g_cls
-            logs["loss/G_class"] = float(g_cls.detach())
+            logs["loss/G_class"] = g_cls.detach()
         if loss_cfg.lambda_recon_generator > 0:
             with torch.no_grad(), self.autocast():
                 codes = self.global_encoder(self.encode_slabs(step.real))
@@ -332,13 +336,13 @@ class HAGAN(GenerativeModel):
                 slab_rec, low_rec = self.generate_parts(codes, step.start, step.onehot)
             g_rec = reconstruction_l1(slab_rec, low_rec, step.real_slab, step.real_low)
             g_loss = g_loss + loss_cfg.lambda_recon_generator * g_rec
-            logs["loss/G_recon"] = float(g_rec.detach())
+            logs["loss/G_recon"] = g_rec.detach()
         self.update("G", g_loss)
         return logs
 
     def encoder_steps(
         self, real: Tensor, real_slab: Tensor, real_low: Tensor | None, start: int, onehot: Tensor | None
-    ) -> dict[str, float]:
+    ) -> dict[str, Tensor | float]:
         """E^H reconstructs the slab through frozen G^H (eq. 6); E^G the slab and X^L through frozen G (eq. 7),
         with ``loss.lambda_latent_prior`` pulling its codes towards the prior N(0, I) that G samples from."""
         loss_cfg = self.config.loss
@@ -356,11 +360,11 @@ class HAGAN(GenerativeModel):
             slab_rec, low_rec = self.generate_parts(z_hat, start, onehot)
         e_g = reconstruction_l1(slab_rec, low_rec, real_slab, real_low)
         e_g_loss = loss_cfg.lambda_recon_global * e_g
-        logs = {"loss/E_H": float(e_h.detach()), "loss/E_G": float(e_g.detach())}
+        logs: dict[str, Tensor | float] = {"loss/E_H": e_h.detach(), "loss/E_G": e_g.detach()}
         if loss_cfg.lambda_latent_prior > 0:
             prior = latent_moment_penalty(z_hat)
             e_g_loss = e_g_loss + loss_cfg.lambda_latent_prior * prior
-            logs["loss/E_G_prior"] = float(prior.detach())
+            logs["loss/E_G_prior"] = prior.detach()
         self.update("E_G", e_g_loss)
         return logs
 
@@ -419,7 +423,7 @@ class HAGAN(GenerativeModel):
         return [m for m in modules if m is not None]
 
     def extra_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"last_r1": dict(self._last_r1)} if self._last_r1 else {}
+        state: dict[str, Any] = {"last_r1": {k: float(v) for k, v in self._last_r1.items()}} if self._last_r1 else {}
         if self.augment_strength is not None:
             state["augment"] = self.augment_strength.state_dict()
         return state
@@ -450,6 +454,15 @@ class HAGAN(GenerativeModel):
 
     def sample(self, n: int, rng: torch.Generator, labels: Tensor | None = None) -> Tensor:
         return self.decode(self.latent(n, rng), labels)
+
+    def decode_bytes(self) -> int:
+        """Working memory of decoding one volume, for choosing a batch, per output voxel and G^H channel as
+        measured on an H100: 10 bytes untiled (5.2 GB at 256^3), where G^H's full-size intermediates
+        dominate, and 2 bytes tiled (7.9 GB at 512^3), which keeps the half-size buffer and the result."""
+        _, _, high_gen = self.inference_generator()
+        channels = high_gen.body[1][0].out_channels
+        per_voxel = 2 if self.tile_depth or self.size >= UNTILED_LIMIT else 10
+        return per_voxel * channels * self.size**3
 
     def encode_slabs(self, volumes: Tensor) -> Tensor:
         """E^H over all eight non-overlapping slabs in one batched call, concatenated along depth into A-hat."""

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
+from torch.utils.checkpoint import checkpoint
 
 from ..accel import full_precision
 
@@ -73,6 +74,16 @@ def minibatch_stddev(x: Tensor) -> Tensor:
 UPSAMPLE_MODES = ("nearest", "trilinear")
 
 
+def recomputed(body: nn.Sequential, x: Tensor) -> Tensor:
+    """``body(x)`` in segments that each begin at an upsampling and keep only their input for the backward
+    pass, which recomputes the rest (activation checkpointing): the same values and gradients without
+    holding a block's upsampled, convolved and normalised intermediates until the backward pass."""
+    starts = [0] + [i for i, module in enumerate(body) if isinstance(module, Upsample) and i > 0] + [len(body)]
+    for begin, end in zip(starts, starts[1:]):
+        x = checkpoint(body[begin:end], x, use_reentrant=False)
+    return x
+
+
 class Upsample(nn.Module):
     """x2 interpolation: nearest, as the paper's 'Interpolation' rows and the authors' code, or trilinear,
     which does not leave the 2-voxel staircase that one 3^3 convolution after a nearest upsampling cannot smooth."""
@@ -93,9 +104,10 @@ class CommonGenerator(nn.Module):
     """G^A: latent (and one-hot class) to the 64-channel feature volume A at 1/4 of the output size."""
 
     def __init__(self, size: int, latent_dim: int = 1024, num_classes: int = 0, width: float = 1.0,
-                 upsample: str = "nearest"):
+                 upsample: str = "nearest", recompute: bool = False):
         super().__init__()
         check_size(size)
+        self.recompute = recompute  # see ``recomputed``
         self.latent_dim, self.num_classes = latent_dim, num_classes
         feature_size = size // 4
         upsamplings = int(math.log2(feature_size // 4))
@@ -117,7 +129,7 @@ class CommonGenerator(nn.Module):
                 raise ValueError("this generator is class-conditional: pass a class label")
             z = torch.cat([z, onehot.to(z.dtype)], dim=1)
         h = self.fc(z).view(z.shape[0], self.base_channels, 4, 4, 4)
-        return self.body(h)
+        return recomputed(self.body, h) if self.recompute and torch.is_grad_enabled() else self.body(h)
 
 
 class LowResGenerator(nn.Module):
@@ -161,15 +173,19 @@ class HighResGenerator(nn.Module):
 
     With ``norm="channel"`` every output voxel depends only on the feature slices within ``halo`` of its
     own, so a slab computed from A's slab plus ``halo`` slices either side equals the full volume's slab.
+    With ``recompute`` a differentiated pass keeps only the input of each upsampling stage (``recomputed``):
+    at 512^3, batch 2, the full-resolution upsampled intermediate alone is 4 GiB in float32.
     """
 
-    def __init__(self, in_channels: int, width: float = 1.0, norm: str = "group", upsample: str = "nearest"):
+    def __init__(self, in_channels: int, width: float = 1.0, norm: str = "group", upsample: str = "nearest",
+                 recompute: bool = False):
         super().__init__()
         if norm not in HIGH_RES_NORMS:
             raise ValueError(f"norm must be one of {', '.join(HIGH_RES_NORMS)}, got {norm!r}")
         c = scaled(32, width)
         normalise = nn.GroupNorm(GROUPS, c) if norm == "group" else ChannelNorm(c)
         self.norm = norm
+        self.recompute = recompute
         # x2, 3^3 conv, x2, 3^3 conv: a nearest upsampling reads one feature slice either side, a
         # trilinear one (each new slice interpolates two neighbours) two
         self.halo = 1 if upsample == "nearest" else 2
@@ -182,7 +198,7 @@ class HighResGenerator(nn.Module):
         )
 
     def forward(self, a: Tensor) -> Tensor:
-        return self.body(a)
+        return recomputed(self.body, a) if self.recompute and torch.is_grad_enabled() else self.body(a)
 
     def depth_range(self, a: Tensor, start: int, count: int) -> Tensor:
         """Output slices [4*start, 4*(start+count)) of ``self(a)``, computed from A's slices around them only.
