@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +19,12 @@ def tiny_ct_cache(tmp_path_factory):
         np.save(root / "raw" / f"v{i}.npy", volume)
     preprocess_folder(root / "raw", root / "cache", recipe="ct", size=32, progress=False)
     return root / "cache"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny volumes: one thread is faster than several spinning on a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

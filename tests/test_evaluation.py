@@ -57,13 +57,7 @@ def blur(volumes: np.ndarray, sigma: float) -> np.ndarray:
     return np.stack([ndimage.gaussian_filter(v, sigma) for v in volumes]).astype(np.float32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The volumes here are tiny: one thread is faster than several spinning on a shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,7 @@ from hagan.stitch import crop_padded, patch_starts, stitch
 PATCH, KEEP = 16, 12
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared machine threads wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(size: int = 32, patch: dict | None = None, **sections):

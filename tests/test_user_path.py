@@ -29,13 +29,7 @@ TINY = ["--preset", "demo", "--set", "train.sample_every=1000", "--set", "train.
         "train.checkpoint_every=1000", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny volumes: one thread is faster than several spinning on a shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
