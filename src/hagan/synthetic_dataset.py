@@ -8,7 +8,8 @@ Items follow MONAI's dictionary convention (``"image"``, ``"label"``, channel fi
 dictionary transforms (``RandFlipd``, ``ScaleIntensityd``, ...), ``DataLoader`` and ``CacheDataset`` take
 them as they are. Volume ``i`` is decoded on demand from the ``i``-th latent of ``Run.latents(n, seed)``:
 the same index gives the same volume in any epoch, worker or process, and equals volume ``i`` of
-``hagan generate RUN --n N --seed SEED``.
+``hagan generate RUN --n N --seed SEED --batch-size 1`` (in batches, to float32 rounding: the
+convolutions sum in another order).
 """
 
 from __future__ import annotations
