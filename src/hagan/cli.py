@@ -517,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="thorax-ct", choices=["thorax-ct", "brain-mri"], help="phantom anatomy")
     p.add_argument("--n", type=positive_int, default=48, help="number of phantoms")
     p.add_argument("--iterations", type=positive_int, help="training iterations (default: the demo preset's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the phantoms and the training")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the phantoms and the training")
     p.set_defaults(func=cmd_demo)
 
     p = add_command(sub, "phantoms", "Each phantom is a NIfTI file; attributes.csv holds its ground truth (tissue "
@@ -526,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", default="thorax-ct", choices=["thorax-ct", "brain-mri"], help="phantom anatomy")
     p.add_argument("--n", type=positive_int, default=16, help="number of phantoms")
     p.add_argument("--size", type=positive_int, default=64, help="cube edge of each phantom in voxels")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed")
     p.set_defaults(func=cmd_phantoms)
 
     p = add_command(sub, "preprocess", "Reorients, maps intensities by the recipe, trims blank end slices and fits "
@@ -636,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=["ct", "mri", "none"],
                    help="intensity recipe of folders of volumes (none: already in [-1, 1]; default: from geometry.json)")
     p.add_argument("--mode", choices=FIT_MODES, help="fit mode for folders of volumes (default: the run's, else resize_keep_aspect)")
-    p.add_argument("--seed", type=int, default=0, help="seed of generated latents, KID subsets, MS-SSIM pairs and the real split")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of generated latents, KID subsets, MS-SSIM pairs and the real split")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--batch-size", type=positive_int, default=2, help="volumes per feature-network call")
     p.add_argument("--fid-method", choices=["sqrtm", "eigh"], default="sqrtm",
@@ -652,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("evaluations", nargs="+", metavar="LABEL=EVAL_DIR", help="output folders of `hagan evaluate`")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--feature", help="feature set to embed (default: the first evaluated)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the embedding")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the embedding")
     p.set_defaults(func=cmd_embedding)
 
     p = add_command(sub, "bench", "Each configuration runs in a fresh process (unless --no-isolate); configurations "

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from hagan.api import Run, load_run, run_config
-from hagan.checks import non_negative_int, positive_int
+from hagan.checks import non_negative_int, positive_int, seed_int
 from hagan.config import PRESETS
 from hagan.errors import HaganError
 
@@ -230,4 +230,4 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             p.add_argument("--target-quantiles", type=float, nargs=2, default=[0.05, 0.95],
                            help="walk between these quantiles of the values the direction is fitted on")
             p.add_argument("--class", dest="class_label", type=non_negative_int, help="class to generate (conditional runs)")
-            p.add_argument("--seed", type=int, default=0, help="seed of the reference latents")
+            p.add_argument("--seed", type=seed_int, default=0, help="seed of the reference latents")
