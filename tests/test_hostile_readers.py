@@ -7,6 +7,7 @@ docs/reliability.md records the classes, the case counts and the memory ceilings
 import bz2
 import gzip
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -376,3 +377,48 @@ def test_every_cli_error_is_one_bounded_printable_line(tmp_path, capsys):
     assert main(["train", "--data", str(missing), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "\x1b" not in err and "no\\nsuch\\x1b[31m" in err
+
+
+ATTACHED = bytes(range(256))  # 64 float32 values: what an attached 4^3 volume would hold
+BYPASSES = {  # headers whose reading by teem or MetaIO could differ from a naive parse, each reaching out
+    "meta colon separator.mha": (META + "ElementDataFile: ../secret/all.raw\nElementDataFile = LOCAL\n").encode() + ATTACHED,
+    "meta := separator.mha": (META + "ElementDataFile := ../secret/all.raw\n").encode(),
+    "meta tab colon.mha": (META + "ElementDataFile\t: ../secret/all.raw\n").encode(),
+    "meta lower case first.mha": (META + "elementdatafile = LOCAL\nElementDataFile = ../secret/all.raw\n").encode(),
+    "nrrd lone CR.nhdr": (NRRD + "content: x\rdata file: ../secret/all.raw\n").encode(),
+    "nrrd lone CR attached.nrrd": (NRRD + "content: x\rdata file: ../secret/all.raw\n\n").encode() + ATTACHED,
+    "nrrd LIST3.nhdr": (NRRD + "data file: LIST3\n../secret/all.raw\n").encode(),
+    "nrrd blank in LIST.nhdr": (NRRD + "data file: LIST 2\ns0.raw\n\n../secret/s1.raw\ns2.raw\ns3.raw\n").encode(),
+    "nrrd other spelling.nhdr": (NRRD + "Data File: ../secret/all.raw\n").encode(),
+    "nrrd key-value spelling.nhdr": (NRRD + "datafile:=../secret/all.raw\n").encode(),
+    "meta LIST3D.mhd": (META + "ElementDataFile = LIST3D\n../secret/all.raw\n").encode(),
+    "meta LISTx.mhd": (META + "ElementDataFile = LISTx\n../secret/all.raw\n").encode(),
+    "meta 2-word pattern.mhd": (META + "ElementDataFile = %c../secret/all.raw 47\n").encode(),
+    "meta %s pattern (crashes MetaIO).mhd": (META + "ElementDataFile = s%s.raw 0 3 1\n").encode(),
+    "nrrd %n pattern.nhdr": (NRRD + "data file: s%n.raw 0 3 1 2\n").encode(),
+    "nrrd two conversions.nhdr": (NRRD + "data file: s%d%d.raw 0 3 1 2\n").encode(),
+}
+
+
+HEADER_REFUSALS = re.compile(
+    "lies outside the header's folder|carriage return|in a form hagan does not read|is not one hagan reads|"
+    "blank or missing name|longer than"
+)
+
+
+@pytest.mark.parametrize("name", sorted(BYPASSES))
+def test_headers_read_differently_by_itk_are_refused(outside, name):
+    """Found by review: each of these once returned the secret's bytes (or crashed the process)."""
+    data, _ = outside
+    (data / "LIST3").write_bytes(CUBE.tobytes())  # a plain file named like the list, inside the folder
+    path = data / name.replace(" ", "-")
+    path.write_bytes(BYPASSES[name])
+    assert HEADER_REFUSALS.search(read_error(path).reason)
+
+
+def test_list_names_past_the_header_window_are_refused(outside):
+    data, _ = outside
+    padding = "".join(f"Comment = {'x' * 62}\n" for _ in range(hio._HEADER_MAX // 73 - 30))  # ends ~2 KiB short
+    path = data / "long.mhd"
+    path.write_text(META + padding + "ElementDataFile = LIST 2D\n" + "s0.raw\n" * 1000 + "../secret/s3.raw\n")
+    assert "LIST of data files longer than" in read_error(path).reason

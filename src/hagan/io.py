@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -504,7 +505,7 @@ def _read_sitk_file(path: Path, ext: str) -> tuple[np.ndarray, np.ndarray]:
             pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
             itemsize = _sitk_itemsize(reader.GetPixelID())
         except Exception as exc:
-            raise _error(path, f"not a readable {kind} image ({_sitk_header_problem(path, ext, exc, name)})") from exc
+            raise _error(path, f"not a readable {kind} image ({_short(exc, path, name)})") from exc
         if components != 1:
             raise _error(path, f"{components} values per voxel (colour or vector image); need a scalar volume")
         _check_dims(path, size)
@@ -518,16 +519,13 @@ def _read_sitk_file(path: Path, ext: str) -> tuple[np.ndarray, np.ndarray]:
     return _sitk_to_array_affine(path, image)
 
 
-def _sitk_header_problem(path: Path, ext: str, exc: Exception, alias: str) -> str:
-    """Why ITK could not read a header: a plain statement when the magic is missing (ITK's own
-    message then echoes binary junk or a stale errno), else ITK's message."""
-    with open(path, "rb") as f:
-        head = f.read(1024)
+def _missing_magic(ext: str, head: bytes) -> str | None:
+    """Why ``head`` is not the start of a NRRD or MetaImage header, or None when it may be one."""
     if _SITK_KIND[ext] == "NRRD" and not head.startswith(b"NRRD"):
         return "no NRRD magic line at the start"
-    if _SITK_KIND[ext] == "MetaImage" and not any(key in head for key in (b"ObjectType", b"NDims")):
+    if _SITK_KIND[ext] == "MetaImage" and not any(key in head[:1024] for key in (b"ObjectType", b"NDims")):
         return "no MetaImage header (ObjectType/NDims lines)"
-    return _short(exc, path, alias)
+    return None
 
 
 def _sitk_itemsize(pixel_id: int) -> int:
@@ -555,56 +553,89 @@ class _TextHeader:
     unknown_skip: bool  # a line skip, whose length in bytes the header does not say
 
 
+def _header_lines(path: Path, head: bytes, nrrd: bool) -> tuple[list[tuple[str, int]], int]:
+    """The header's lines, each with the offset just past it, and where the header ends.
+
+    A carriage return inside a line is refused: teem ends lines at a lone CR, so a header could
+    otherwise hide a field from us that ITK reads. NRRD headers end at a blank line, MetaImage
+    headers at their data file field (any letter case, or one we do not read could follow).
+    """
+    lines, position = [], 0
+    while position < len(head):
+        end = head.find(b"\n", position)
+        stop = len(head) if end < 0 else end
+        raw = head[position:stop]
+        position = len(head) if end < 0 else end + 1
+        if b"\r" in (raw[:-1] if raw.endswith(b"\r") and end >= 0 else raw):
+            raise _error(path, "a carriage return inside a header line; save the header with plain line ends")
+        line = raw.decode("latin-1").rstrip("\r")
+        if nrrd and not line.strip():
+            return lines, position
+        lines.append((line, position))
+        if not nrrd and _meta_key(line).lower() == "elementdatafile":
+            return lines, position
+    if len(head) > _HEADER_MAX:
+        raise _error(path, f"header longer than {_human(_HEADER_MAX)} (no end found)")
+    return lines, position
+
+
+def _meta_key(line: str) -> str:
+    """A MetaImage line's key: MetaIO ends it at the first '=' or ':'."""
+    return re.split(r"[=:]", line, maxsplit=1)[0].strip()
+
+
 def _text_header(path: Path, ext: str) -> _TextHeader:
     """Parse a NRRD or MetaImage header ourselves, before ITK sees it.
 
     A detached header names its data files (NRRD ``data file``, MetaImage ``ElementDataFile``: one
     name, a LIST of names or a printf pattern). Every one of them must resolve, after symbolic
     links, inside the folder of the header that names it, or a header could make ``hagan preprocess``
-    read and cache any file the user can read (``../../etc/shadow``).
+    read and cache any file the user can read (``../../etc/shadow``). Where our reading of a header
+    could differ from ITK's (a second data file field, one in another spelling, a lone carriage
+    return, a pattern with a conversion that is not an integer's), the header is refused.
     """
     with open(path, "rb") as f:
         head = f.read(_HEADER_MAX + 1)
+    missing = _missing_magic(ext, head)
+    if missing:
+        raise _error(path, f"not a readable {_SITK_KIND[ext]} image ({missing})")
     nrrd = ext in (".nrrd", ".nhdr")
-    lines, position, ended = [], 0, False
-    while position < len(head):
-        end = head.find(b"\n", position)
-        if end < 0:
-            lines.append(head[position:].decode("latin-1").rstrip("\r"))
-            position = len(head)
-            break
-        line = head[position:end].decode("latin-1").rstrip("\r")
-        position = end + 1
-        if nrrd and not line.strip():
-            ended = True
-            break
-        lines.append(line)
-        if not nrrd and line.partition("=")[0].strip().lower() == "elementdatafile":
-            ended = True
-            if line.partition("=")[2].split()[:1] == ["LIST"]:
-                lines += head[position:].decode("latin-1").splitlines()
-            break
-    if not ended and len(head) > _HEADER_MAX:
-        raise _error(path, f"header longer than {_human(_HEADER_MAX)} (no end found)")
+    lines, data_start = _header_lines(path, head, nrrd)
     fields: dict[str, str] = {}
-    names: list[str] = []
     detached: str | None = None
-    for i, line in enumerate(lines):
+    names: list[str] = []
+    blank_name = False
+    for line, end in lines:
         if nrrd and (line.startswith("#") or line.startswith("NRRD") or not line.strip()):
             continue
         if nrrd and ":=" in line and (": " not in line or line.index(":=") < line.index(": ")):
+            if "datafile" in "".join(line.split(":=")[0].lower().split()):
+                raise _error(path, "header names a data file in a form hagan does not read")
             continue  # a key/value pair, not a field
-        key, _, value = line.partition(":" if nrrd else "=")
-        key, value = key.strip().lower(), value.strip()
-        if key in ("data file", "datafile", "elementdatafile"):
-            if detached is not None:
-                raise _error(path, "header names its data file twice")
-            detached = value
-            if value.split()[:1] == ["LIST"]:
-                names = [name.strip() for name in lines[i + 1:] if name.strip()]
-                break
+        if nrrd:
+            key, _, value = line.partition(":")
         else:
-            fields[key] = value
+            key, value = _meta_key(line), re.split(r"[=:]", line, maxsplit=1)[1:] or [""]
+            value = value[0].lstrip(" \t=:")
+        key, value = key.strip(), value.strip()
+        if "datafile" not in "".join(key.lower().split()):
+            fields[key.lower()] = value
+            continue
+        if detached is not None or key not in (("data file", "datafile") if nrrd else ("ElementDataFile",)):
+            raise _error(path, "header names its data file twice, or in a form hagan does not read")
+        detached = value
+        if value.upper().startswith("LIST"):
+            if len(head) > _HEADER_MAX:
+                raise _error(path, f"header with its LIST of data files longer than {_human(_HEADER_MAX)}")
+            rest = head[end:].decode("latin-1")
+            if "\r" in rest.replace("\r\n", "\n"):
+                raise _error(path, "a carriage return inside the LIST of data files")
+            names = rest.replace("\r\n", "\n").split("\n")
+            if names and names[-1] == "":
+                names.pop()
+            blank_name = not names or any(not name.strip() for name in names)
+            names = [name.strip() for name in names if name.strip()]
+            break
     if nrrd:
         encoding = fields.get("encoding", "raw").lower()
         skip_text = fields.get("byte skip") or fields.get("byteskip") or "0"
@@ -625,32 +656,41 @@ def _text_header(path: Path, ext: str) -> _TextHeader:
     data_files = None
     if detached is not None:
         if not names:
-            names = _pattern_names(path, detached) or [detached]
+            names = _pattern_names(path, detached, nrrd) if "%" in detached else [detached]
         if len(names) > _MAX_DATA_FILES:
             raise _error(path, f"header names {len(names)} data files; at most {_MAX_DATA_FILES} are read")
         data_files = [_data_file_inside(path, name) for name in names]
-    return _TextHeader(encoding, position, data_files, skip, unknown_skip or skip < -1)
+        if blank_name:  # teem would count a blank line as a name
+            raise _error(path, "a blank or missing name in the LIST of data files")
+    return _TextHeader(encoding, data_start, data_files, skip, unknown_skip or skip < -1)
 
 
-def _pattern_names(path: Path, value: str) -> list[str] | None:
-    """The names a printf-style data file pattern (``slice%03d.raw 1 40 1``) expands to, or None
-    when ``value`` is a plain name."""
+# one printf conversion of an integer, as both teem and MetaIO format slice numbers; anything else
+# (%s, %n, two conversions) would make the C library read memory it should not
+_INTEGER_FORMAT = re.compile(r"[^%]*%[-+ 0#]*[0-9]*(?:\.[0-9]+)?[diouxX][^%]*")
+
+
+def _pattern_names(path: Path, value: str, nrrd: bool) -> list[str]:
+    """The names a printf-style data file pattern (``slice%03d.raw 1 40 1``) expands to.
+
+    Only FORMAT FIRST LAST STEP (NRRD may add a piece dimension) with one integer conversion is
+    read; the other forms MetaIO accepts are refused rather than guessed at.
+    """
     parts = value.split()
-    if len(parts) not in (4, 5) or "%" not in parts[0]:
-        return None
+    shown = printable(value[:80])
+    if len(parts) not in ((4, 5) if nrrd else (4,)) or not _INTEGER_FORMAT.fullmatch(parts[0]):
+        raise _error(path, f"data file pattern {shown!r} is not one hagan reads (FORMAT FIRST LAST STEP, "
+                           "one integer conversion such as %03d)")
     try:
         first, last, step = (int(n) for n in parts[1:4])
     except ValueError:
-        return None
+        raise _error(path, f"data file pattern {shown!r}: FIRST LAST STEP must be whole numbers") from None
     if step == 0 or (last - first) * step < 0:
-        raise _error(path, f"data file pattern {printable(value[:80])!r} has a step that never reaches its end")
+        raise _error(path, f"data file pattern {shown!r} has a step that never reaches its end")
     count = (last - first) // step + 1
     if count > _MAX_DATA_FILES:
         raise _error(path, f"data file pattern names {count} files; at most {_MAX_DATA_FILES} are read")
-    try:
-        return [parts[0] % i for i in range(first, last + (1 if step > 0 else -1), step)]
-    except (TypeError, ValueError) as exc:
-        raise _error(path, f"data file pattern {printable(parts[0][:80])!r} is not a number format ({exc})") from None
+    return [parts[0] % i for i in range(first, last + (1 if step > 0 else -1), step)]
 
 
 def _data_file_inside(path: Path, name: str) -> Path:
