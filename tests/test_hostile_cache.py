@@ -456,3 +456,21 @@ def test_thin_geometry_is_flagged_naming_the_file(tmp_path, capsys, shape, spaci
                                         ("resize_keep_aspect", (3, 32, 32))])
 def test_fitted_span_per_mode(mode, span):
     assert fitted_span((2, 24, 24), (1.0, 1.0, 1.0), 32, mode) == span
+
+
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ("file,label\na.nii,1,extra\n", "no column 'diagnosis'; columns: file, label"),
+        ("file,diagnosis\na.nii,1e300\n", "label '1e300' in column 'diagnosis' is not a class (an integer from 0 to 65535)"),
+        ("file,diagnosis\na.nii,-1\n", "is not a class"),
+        ("file,diagnosis\na.nii,2.5\n", "is not a class"),
+    ],
+)
+def test_a_labels_csv_with_bad_rows_is_one_line(tmp_path, capsys, table, message):
+    (tmp_path / "l.csv").write_text(table)
+    (tmp_path / "src").mkdir()
+    code = main(["preprocess", str(tmp_path / "src"), str(tmp_path / "dst"), "--recipe", "mri", "--size", "32",
+                 "--labels", str(tmp_path / "l.csv"), "--label-column", "diagnosis"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

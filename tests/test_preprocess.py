@@ -299,3 +299,11 @@ def test_ensure_cache_takes_a_cache_as_it_is_and_caches_a_folder_once(tmp_path):
     assert ensure_cache(cache, tmp_path / "elsewhere", "mri", 16) == cache and not (tmp_path / "elsewhere").exists()
     stamp = (cache / "manifest.json").stat().st_mtime_ns
     assert ensure_cache(folder, cache, "mri", 16) == cache and (cache / "manifest.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("span", [1.0, 1e6, 3e38])
+def test_recipes_match_a_float64_window_even_at_float32_extremes(span):
+    array = np.linspace(-span, span, 1000, dtype=np.float32).reshape(10, 10, 10)
+    low, high = float(array.min()), float(np.percentile(array, 99.9))
+    expected = np.interp(array.astype(np.float64), (low, high), (-1.0, 1.0))
+    np.testing.assert_allclose(apply_recipe(array, "mri"), expected, atol=1e-6)

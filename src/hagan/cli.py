@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
-from .errors import HaganError, VolumeError, printable
+from .errors import HaganError, VolumeError, display_path, printable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -167,7 +167,7 @@ def volumes_to_cache(args: argparse.Namespace, config: Config, out: Path) -> Pat
     cache = out / RUN_CACHE
     config.data.cache = str(cache)
     if is_cache_folder(cache):
-        print(f"reusing the cache {cache} preprocessed from the volumes on the run's first start")
+        print(f"reusing the cache {display_path(cache)} preprocessed from the volumes on the run's first start")
         return None
     if not list_volume_paths(data):
         raise HaganError(f"{data}: neither a hagan cache (no manifest.json) nor a folder of volumes "
@@ -230,7 +230,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     created = None if args.resume else first_missing(out)
     try:
         if volumes is not None:
-            print(f"preprocessing {volumes} into {config.data.cache} ({args.recipe} recipe, {config.model.size}^3)")
+            print(f"preprocessing {display_path(volumes)} into {display_path(config.data.cache)} ({args.recipe} recipe, "
+                  f"{config.model.size}^3)")
             print(preprocess_folder(volumes, config.data.cache, recipe=args.recipe, size=config.model.size,
                                     progress=True).summary())
         check_cache_size(args, config)
@@ -259,7 +260,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"stopped at iteration {trainer.final_iteration} of {config.train.iterations}: the time limit "
               f"train.max_minutes = {config.train.max_minutes:g} ran out; checkpoint saved; continue with: {resume} "
               "(another max_minutes; add --set train.max_minutes=0 for no limit)")
-    print(f"run written to {run_dir} (samples/, curves.png, checkpoints/; tensorboard --logdir {run_dir / 'tensorboard'})")
+    print(f"run written to {display_path(run_dir)} (samples/, curves.png, checkpoints/; tensorboard --logdir "
+          f"{display_path(run_dir / 'tensorboard')})")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -279,7 +281,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     run.save_geometry(args.out)
     montage = three_plane_montage(list(volumes[:16]), Path(args.out) / "montage.png",
                                   titles=[p.name for p in paths[:16]])
-    print(f"wrote {len(paths)} volumes to {args.out} (iteration {run.iteration}); montage: {montage}")
+    print(f"wrote {len(paths)} volumes to {display_path(args.out)} (iteration {run.iteration}); montage: "
+          f"{display_path(montage)}")
 
 
 def read_for_run(run, paths: Sequence[str]) -> tuple[list[str], np.ndarray]:
@@ -347,10 +350,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     run.save(recon, args.out, prefix="reconstruction")
     l1 = np.abs(recon - volumes).mean(axis=(1, 2, 3))
     pairs = [v for pair in zip(volumes[:8], recon[:8]) for v in pair]
-    titles = [t for name in names[:8] for t in (name, "reconstruction")]
+    titles = [t for name in names[:8] for t in (printable(name), "reconstruction")]
     three_plane_montage(pairs, Path(args.out) / "montage.png", titles=titles)
     for name, err in zip(names, l1):
-        print(f"{name}: mean absolute error {err:.4f} (intensities in [-1, 1])")
+        print(f"{printable(name)}: mean absolute error {err:.4f} (intensities in [-1, 1])")
 
 
 def weights_argument(items: list[str] | None) -> dict[str, str] | str | None:
@@ -696,8 +699,6 @@ def build_parser() -> argparse.ArgumentParser:
 def os_error_message(err: OSError) -> str:
     """``path: reason`` (``path -> other: reason`` for a rename) in one printable line; just the
     reason when the operating system named no file (a write to an open file that fills the disk)."""
-    from .io import display_path
-
     reason = " ".join(printable(str(err.strerror or err)).split())
     names = [display_path(name) for name in (err.filename, err.filename2) if isinstance(name, (str, bytes, os.PathLike))]
     return f"{' -> '.join(names)}: {reason}" if names else reason

@@ -1,5 +1,7 @@
 """Exceptions that the command line turns into one-line messages."""
 
+import os
+
 
 def printable(text: str) -> str:
     """``text`` made safe to print on one line of any terminal.
@@ -19,6 +21,11 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def display_path(path: str | bytes | os.PathLike) -> str:
+    """``path`` as text that can always be printed: undecodable bytes of a non-UTF-8 name become ``\xff``."""
+    return printable(os.fsdecode(os.fspath(path)))
 
 
 class HaganError(Exception):

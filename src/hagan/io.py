@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import nibabel as nib
 import numpy as np
 
-from hagan.errors import HaganError, VolumeError, printable
+from hagan.errors import HaganError, VolumeError, display_path, printable
 
 if TYPE_CHECKING:
     import SimpleITK
@@ -155,11 +155,6 @@ def volume_stem(path: str | os.PathLike) -> str:
     name = Path(path).name
     ext = volume_extension(path)
     return name[: -len(ext)] if ext else name
-
-
-def display_path(path: str | bytes | os.PathLike) -> str:
-    """``path`` as text that can always be printed: undecodable bytes of a non-UTF-8 name become ``\xff``."""
-    return printable(os.fsdecode(os.fspath(path)))
 
 
 def _error(path: str | os.PathLike, reason: str) -> VolumeError:

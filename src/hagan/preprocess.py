@@ -36,6 +36,7 @@ CACHE_FORMAT = "hagan-cache/1"
 # label maps are stored in the smallest unsigned type that holds their largest value
 MAX_SEGMENTATION_LABEL = np.iinfo(np.uint16).max
 LABEL_NAME_SEPARATORS = "_-."
+MAX_CLASS_LABEL = 65535  # a label above it is a measurement or a typo, not a class index
 FIT_MODES = ("resize_keep_aspect", "resize", "pad")
 CT_WINDOW_HU = (-1024.0, 600.0)
 MRI_PERCENTILE = 99.9
@@ -93,11 +94,11 @@ def _finite_copy(array: np.ndarray, missing: float) -> np.ndarray:
 
 
 def _window_in_place(out: np.ndarray, low: float, high: float) -> np.ndarray:
-    """[low, high] mapped linearly to [-1, 1], clipped outside, overwriting ``out``."""
+    """[low, high] mapped linearly to [-1, 1], clipped outside, overwriting ``out``. Centred, then
+    divided by the half-width, so that no step overflows float32 even for windows of +-3e38."""
     np.clip(out, low, high, out=out)
-    out -= np.float32(low)
-    out *= np.float32(2.0 / (high - low))
-    out -= np.float32(1.0)
+    out -= np.float32(low / 2 + high / 2)
+    out /= np.float32(high / 2 - low / 2)
     return np.clip(out, -1.0, 1.0, out=out)
 
 
@@ -425,11 +426,11 @@ def _read_labels(csv_path: Path, label_column: str) -> list[LabelRow]:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise HaganError(f"{where}: cannot read labels CSV ({exc})") from exc
-    columns = list(rows[0].keys()) if rows else []
+    columns = [name for name in rows[0] if isinstance(name, str)] if rows else []  # DictReader keys extra fields None
     if not columns:
         raise HaganError(f"{where}: labels CSV is empty")
     if label_column not in columns:
-        raise HaganError(f"{where}: no column {label_column!r}; columns: {', '.join(columns)}")
+        raise HaganError(f"{where}: no column {printable(label_column)!r}; columns: {printable(', '.join(columns))}")
     file_column = "file" if "file" in columns else columns[0]
     labelled: list[LabelRow] = []
     by_name: dict[str, LabelRow] = {}
@@ -441,9 +442,10 @@ def _read_labels(csv_path: Path, label_column: str) -> list[LabelRow]:
             value = float(text)
         except ValueError:
             value = float("nan")
-        if not value.is_integer() or value < 0:
+        if not value.is_integer() or not 0 <= value <= MAX_CLASS_LABEL:
             raise HaganError(
-                f"{where}:{line}: label {text!r} in column {label_column!r} is not a non-negative integer"
+                f"{where}:{line}: label {printable(text[:40])!r} in column {printable(label_column)!r} is not a "
+                f"class (an integer from 0 to {MAX_CLASS_LABEL})"
             )
         current = LabelRow(line, (row.get(file_column) or "").strip(), int(value))
         if not current.name:  # names no file, so labels none
