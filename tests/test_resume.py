@@ -198,3 +198,27 @@ def test_sigkill_many_kill_points(tiny_ct_cache, tmp_path):
                               finish="complete")
     report = Path(os.environ.get("HAGAN_KILL_REPORT", tmp_path / "kills.json"))
     report.write_text(json.dumps(records, indent=1))
+
+
+def test_a_rollback_when_a_signal_stops_the_run_is_saved(tiny_ct_cache, tmp_path, capsys):
+    """A non-finite update found only at the stop (SIGTERM between two log points): the rollback's count and
+    lowered rates reach a checkpoint, so --resume goes on at the lowered rates."""
+    cfg = config_for(tiny_ct_cache, 10, log_every=100, checkpoint_every=2, on_divergence="rollback", max_rollbacks=3)
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    original = trainer.model.train_step
+
+    def step(batch, iteration, rng):
+        if iteration == 2:
+            batch = {**batch, "image": batch["image"] * float("nan")}
+            out = original(batch, iteration, rng)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return out
+        return original(batch, iteration, rng)
+
+    trainer.model.train_step = step
+    trainer.fit()
+    assert "rolled back to iter_00000002 with the learning rates x0.5" in capsys.readouterr().err
+    state = json.loads((list_checkpoints(tmp_path / "run" / "checkpoints")[-1] / "state.json").read_text())
+    assert (state["iteration"], state["rollbacks"], state["lr_scale"]) == (2, 1, 0.5)
+    resumed = Trainer(cfg, tmp_path / "run", resume=True, progress=False)
+    assert resumed.optimizers["G"].param_groups[0]["lr"] == pytest.approx(cfg.optim.lr_g * 0.5)

@@ -515,7 +515,8 @@ class Trainer:
                         self.save(iteration)
                         snapshot = None
                 err = self.model.take_divergence()
-                if err is not None:  # stopped by a signal or the time limit between two checks
+                rolled_back_at_stop = err is not None
+                if rolled_back_at_stop:  # stopped by a signal or the time limit between two checks
                     err.noticed = iteration
                     iteration = self.rollback(err, snapshot)
                 if main and iteration % t.sample_every:
@@ -527,7 +528,7 @@ class Trainer:
             if t.deterministic:
                 torch.use_deterministic_algorithms(was_deterministic)
                 torch.backends.cudnn.benchmark = cudnn_benchmark
-        if iteration % t.checkpoint_every:
+        if rolled_back_at_stop or iteration % t.checkpoint_every:  # the rollback's count and rates must survive
             self.save(iteration)
         self.final_iteration = iteration
         if main:
