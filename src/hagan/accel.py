@@ -49,3 +49,12 @@ def configure_cuda(deterministic: bool = False) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = not deterministic
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` (drawn on the CPU) on ``device`` without waiting for the GPU: a copy from pageable
+    memory synchronises the stream, one from pinned memory with ``non_blocking`` does not. The CPU
+    tensor is fresh and never written again, so the asynchronous copy is safe."""
+    if torch.device(device).type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

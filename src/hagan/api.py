@@ -160,7 +160,9 @@ class Run:
         self, n: int, seed: int = 0, labels: int | Sequence[int] | None = None, batch_size: int | None = None,
         progress: bool = False,
     ) -> np.ndarray:
-        """``n`` volumes (n, S, S, S) in [-1, 1]; the same seed gives the same volumes on any device."""
+        """``n`` volumes (n, S, S, S) in [-1, 1] from the seed's latents. The default batch depends on the
+        device and its free memory, and batches of other sizes sum in another order: for bit-identical
+        volumes across machines, pass the same ``batch_size`` (volumes agree to float32 rounding otherwise)."""
         n = require_count("n", n)
         z = self.latents(n, seed)
         return self._finite(torch.cat(list(self.decode_batches(z, labels, batch_size, progress)))[:, 0].numpy())

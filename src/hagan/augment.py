@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hagan.accel import host_to_device
+
 BACKGROUND = -1.0
 
 _TRANSLATION_RATIO = 1 / 8
@@ -35,12 +37,12 @@ _MIN_DEPTH_FOR_DEPTH_OPS = 16
 def _rand(shape: tuple[int, ...], x: Tensor, generator: torch.Generator | None) -> Tensor:
     """U(0, 1) drawn on the generator's device (a CPU generator may drive a CUDA tensor)."""
     device = generator.device if generator is not None else x.device
-    return torch.rand(shape, generator=generator, device=device).to(x.device, x.dtype)
+    return host_to_device(torch.rand(shape, generator=generator, device=device), x.device).to(x.dtype)
 
 
 def _randint(low: int, high: int, batch: int, x: Tensor, generator: torch.Generator | None) -> Tensor:
     device = generator.device if generator is not None else x.device
-    return torch.randint(low, high, (batch,), generator=generator, device=device).to(x.device)
+    return host_to_device(torch.randint(low, high, (batch,), generator=generator, device=device), x.device)
 
 
 def _brightness(x: Tensor, generator: torch.Generator | None) -> Tensor:

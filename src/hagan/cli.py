@@ -591,7 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="class_label", type=non_negative_int, help="class to generate (conditional models)")
     p.add_argument("--batch-size", type=positive_int,
                    help="volumes per generator call (default: as many as fit half the free GPU memory, "
-                        "2 GiB on CPU, at most 8)")
+                        "2 GiB on CPU, at most 8; 1 with --label-maps); pass it for bit-identical volumes "
+                        "across machines")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                    help="override the run's train.precision (auto: bf16 on GPUs, float32 on CPU)")
     p.add_argument("--tile-depth", type=non_negative_int, default=0,

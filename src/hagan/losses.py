@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hagan.accel import host_to_device
+
 LOSS_KINDS = ("bce", "wgan-gp")
 WGAN_DRIFT = 1e-3
 
@@ -55,7 +57,7 @@ def gradient_penalty(
 ) -> Tensor:
     """WGAN-GP: (||grad D(x_hat)|| - 1)^2 on one interpolation per sample, shared by all inputs."""
     batch = reals[0].shape[0]
-    eps = torch.rand(batch, generator=generator, device="cpu").to(reals[0].device)
+    eps = host_to_device(torch.rand(batch, generator=generator, device="cpu"), reals[0].device)
     mixed = []
     for real, fake in zip(reals, fakes):
         e = eps.view(batch, *([1] * (real.dim() - 1))).to(real.dtype)

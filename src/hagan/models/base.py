@@ -131,7 +131,7 @@ class GenerativeModel(nn.Module, ABC):
         each takes its own shard, so k ranks of batch n see the noise one process of batch k*n would."""
         world, rank = self.dist.world_size, self.dist.rank
         z = torch.randn(n * world, self.config.model.latent_dim, generator=rng)
-        return z[rank * n : (rank + 1) * n].to(self.device)
+        return accel.host_to_device(z[rank * n : (rank + 1) * n].contiguous(), self.device)
 
     def step_generator(self, rng: torch.Generator) -> torch.Generator:
         """The stream for per-sample draws of local size (DiffAugment, WGAN-GP mixing): the shared

@@ -112,7 +112,7 @@ class HAGAN(GenerativeModel):
         return int(torch.randint(0, self.max_start + 1, (1,), generator=rng))
 
     def normalised_start(self, start: int) -> Tensor:
-        return torch.tensor([start / self.max_start], device=self.device)
+        return torch.full((1,), start / self.max_start, device=self.device)  # a fill, not a host-to-device copy
 
     def real_slab(self, volume: Tensor, start: int) -> Tensor:
         begin = start * LOW_RES_FACTOR
