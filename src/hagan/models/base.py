@@ -100,7 +100,10 @@ class GenerativeModel(nn.Module, ABC):
         finite = loss_finite & grads_finite
         self._record_divergence(list(self.optimizers()).index(name), value, loss_finite, finite)
         optimizer.found_inf = (~finite).float()
-        optimizer.step()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf  # a later step() elsewhere must not obey this update's flag
         return value
 
     def _record_divergence(self, index: int, value: Tensor, loss_finite: Tensor, finite: Tensor) -> None:
