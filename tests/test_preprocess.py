@@ -13,8 +13,10 @@ from hagan.preprocess import (
     canonicalise,
     ensure_cache,
     fit_to_cube,
+    output_to_model_range,
     preprocess_folder,
     preprocess_volume,
+    to_output_intensity,
     trim_blank_slices,
 )
 
@@ -307,3 +309,17 @@ def test_recipes_match_a_float64_window_even_at_float32_extremes(span):
     low, high = float(array.min()), float(np.percentile(array, 99.9))
     expected = np.interp(array.astype(np.float64), (low, high), (-1.0, 1.0))
     np.testing.assert_allclose(apply_recipe(array, "mri"), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("recipe", ["ct", "mri"])
+def test_output_units_round_trip(recipe):
+    """What `hagan generate` writes maps back to the model range that evaluation scores, for both recipes."""
+    cube = np.linspace(-1, 1, 4096, dtype=np.float32).reshape(16, 16, 16)
+    written = to_output_intensity(cube, recipe)
+    if recipe == "ct":
+        assert written.dtype == np.int16 and written.min() == -1024 and written.max() == 600
+        tolerance = 1 / (600 + 1024)  # one Hounsfield unit of rounding, in model units
+    else:
+        assert written.dtype == np.float32 and written.min() == 0 and written.max() == 1
+        tolerance = 1e-6
+    np.testing.assert_allclose(output_to_model_range(written, recipe), cube, atol=tolerance)

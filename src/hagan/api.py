@@ -22,19 +22,11 @@ from .checks import is_int, require_count, short_repr
 from .config import Config, load_yaml
 from .errors import HaganError
 from .io import display_path, write_json_atomic, write_volume
+from .preprocess import to_output_intensity
 from .models import GenerativeModel, build_model
 from .train import CONFIG_FILE, GEOMETRY_FILE, pick_device, read_geometry
 
-CT_WINDOW = (-1024.0, 600.0)
 SAMPLE_FROM = (None, "ema", "raw")
-
-
-def to_output_intensity(array: np.ndarray, recipe: str) -> np.ndarray:
-    """Undo the recipe's scaling: CT back to Hounsfield units (int16), MRI to [0, 1] (float32)."""
-    if recipe == "ct":
-        low, high = CT_WINDOW
-        return np.round((array + 1) / 2 * (high - low) + low).astype(np.int16)
-    return ((array + 1) / 2).astype(np.float32)
 
 
 def run_config(run_dir: str | os.PathLike) -> Config:

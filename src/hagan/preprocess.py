@@ -105,6 +105,33 @@ def _window_in_place(out: np.ndarray, low: float, high: float) -> np.ndarray:
 RECIPES: dict[str, Callable[[np.ndarray], np.ndarray]] = {"ct": ct_recipe, "mri": mri_recipe}
 
 
+def to_output_intensity(array: np.ndarray, recipe: str) -> np.ndarray:
+    """Undo the recipe's scaling for writing: CT back to Hounsfield units (int16), MRI to [0, 1] (float32)."""
+    if recipe == "ct":
+        return np.round(to_hounsfield(array)).astype(np.int16)
+    return ((np.asarray(array, np.float32) + 1) / 2).astype(np.float32)
+
+
+def to_hounsfield(array: np.ndarray) -> np.ndarray:
+    """Model range [-1, 1] back to Hounsfield units of the CT recipe's window (float32)."""
+    low, high = CT_WINDOW_HU
+    return (np.asarray(array, np.float32) + 1) / 2 * (high - low) + low
+
+
+def output_to_model_range(array: np.ndarray, recipe: str) -> np.ndarray:
+    """to_output_intensity's inverse: CT from Hounsfield units, MRI from [0, 1], 'none' as is."""
+    if recipe == "ct":
+        low, high = CT_WINDOW_HU
+        out = (array - low) / (high - low) * 2 - 1
+    elif recipe == "mri":
+        out = array * 2 - 1
+    elif recipe == "none":
+        out = array
+    else:
+        raise HaganError(f"unknown recipe {printable(str(recipe))!r} for generated volumes; choose from ct, mri, none")
+    return np.clip(out, -1, 1).astype(np.float32)
+
+
 def apply_recipe(array: np.ndarray, name: str) -> np.ndarray:
     """Apply the intensity recipe called ``name`` (see RECIPES); the result is float32 in [-1, 1]."""
     if name not in RECIPES:

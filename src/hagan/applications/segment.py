@@ -22,8 +22,8 @@ import numpy as np
 from scipy import ndimage
 
 from hagan.errors import HaganError
+from hagan.preprocess import to_hounsfield
 
-CT_WINDOW_HU = (-1024.0, 600.0)
 BONE_HU = 200.0
 AIR_HU = -400.0
 CSF_BAND = (-0.85, -0.3)
@@ -31,12 +31,6 @@ HEAD_LEVEL = -0.85
 CSF_DEPTH_MM = 12.0
 
 Spacing = tuple[float, float, float]
-
-
-def to_hounsfield(volume: np.ndarray) -> np.ndarray:
-    """Model range [-1, 1] back to Hounsfield units of the CT recipe's window."""
-    low, high = CT_WINDOW_HU
-    return (np.asarray(volume, np.float32) + 1) / 2 * (high - low) + low
 
 
 def _fill_slices(mask: np.ndarray) -> np.ndarray:

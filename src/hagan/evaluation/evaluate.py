@@ -47,9 +47,9 @@ from hagan.evaluation.stats import (
     mmd,
 )
 from hagan.io import atomic_write, list_volume_paths, read_volume, write_json_atomic, write_text_atomic
+from hagan.preprocess import canonicalise, fit_to_cube, output_to_model_range, preprocess_volume
 
 STATS_FORMAT = "hagan-eval-stats/1"
-CT_WINDOW_HU = (-1024.0, 600.0)
 FAKE_RECIPES = ("ct", "mri", "none")
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
@@ -171,20 +171,6 @@ class RunSource(VolumeSource):
         }
 
 
-def output_to_model_range(array: np.ndarray, recipe: str) -> np.ndarray:
-    """Undo ``hagan generate``'s output units: CT from Hounsfield units, MRI from [0, 1], 'none' as is."""
-    if recipe == "ct":
-        low, high = CT_WINDOW_HU
-        out = (array - low) / (high - low) * 2 - 1
-    elif recipe == "mri":
-        out = array * 2 - 1
-    elif recipe == "none":
-        out = array
-    else:
-        raise HaganError(f"unknown recipe {recipe!r} for generated volumes; choose from {', '.join(FAKE_RECIPES)}")
-    return np.clip(out, -1, 1).astype(np.float32)
-
-
 def _is_run(path: Path) -> bool:
     return path.is_dir() and (path / "config.yaml").is_file()
 
@@ -251,8 +237,6 @@ def protocol_size(real: Any, fake: Any, size: int | None = None) -> tuple[int, s
 def fit_volume(path: Path, recipe: str, size: int, mode: str) -> np.ndarray:
     """A volume file on the protocol's cube (``GRID_RULE``): the training preprocessing for ct and mri,
     reorientation and fitting only for recipe 'none' (values already in [-1, 1])."""
-    from hagan.preprocess import canonicalise, fit_to_cube, preprocess_volume
-
     volume = read_volume(path)
     if recipe != "none":
         return preprocess_volume(volume, recipe, size, mode, source=str(path)).array
@@ -297,8 +281,6 @@ def open_fake(
             raise HaganError(f"{paths[0]}: generated volumes are {edge}^3, the protocol's cube is {size}^3")
 
         def load(p: Path) -> np.ndarray:
-            from hagan.preprocess import canonicalise
-
             array = canonicalise(read_volume(p)).array
             if array.shape != (edge,) * 3:
                 raise VolumeError(p, f"shape {array.shape} differs from the first generated volume's {(edge,) * 3}")
