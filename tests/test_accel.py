@@ -422,3 +422,16 @@ def test_trainer_loader_workers_give_the_same_augmented_batches(tiny_ct_cache, t
     for _ in range(2):
         a, b = inline.next_batch(), workers.next_batch()
         assert torch.equal(a["seed"], b["seed"]) and torch.equal(a["image"], b["image"])
+
+
+def test_one_device_resolution_for_every_command():
+    from hagan.accel import resolve_device
+    from hagan.errors import HaganError
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(HaganError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(HaganError, match="needs CUDA, which is not available"):
+            resolve_device("cuda:1")

@@ -11,7 +11,23 @@ from typing import Iterator
 
 import torch
 
+from hagan.errors import HaganError
+
 PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto`` is the GPU when there is one, else the CPU; a CUDA device on a machine without CUDA is an
+    error here rather than deep inside the first tensor operation."""
+    name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise HaganError(f"device {name!r} needs CUDA, which is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise HaganError(f"unknown device {name[:40]!r}; use auto, cpu, cuda or cuda:N") from err
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:

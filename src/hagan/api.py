@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .accel import PRECISIONS
+from .accel import PRECISIONS, resolve_device
 from .checkpoint import list_checkpoints, load_checkpoint
 from .checks import is_int, require_count, short_repr
 from .config import Config, load_yaml
@@ -24,7 +24,7 @@ from .errors import HaganError
 from .io import display_path, write_json_atomic, write_volume
 from .preprocess import to_output_intensity
 from .models import GenerativeModel, build_model
-from .train import CONFIG_FILE, GEOMETRY_FILE, pick_device, read_geometry
+from .train import CONFIG_FILE, GEOMETRY_FILE, read_geometry
 
 SAMPLE_FROM = (None, "ema", "raw")
 
@@ -73,7 +73,7 @@ class Run:
             if self.geometry and self.geometry[key] != configured:
                 raise HaganError(f"{display_path(geometry_path)}: {key} {self.geometry[key]} differs from the run's "
                                  f"model.{key} {configured} in {CONFIG_FILE}")
-        self.device = pick_device(device)
+        self.device = resolve_device(device)
         self.model: GenerativeModel = build_model(self.config)
         if checkpoint is None:
             found = list_checkpoints(self.run_dir / "checkpoints")

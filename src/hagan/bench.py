@@ -50,7 +50,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from .accel import configure_cuda, resolve_precision
+from .accel import configure_cuda, resolve_device, resolve_precision
 from .config import build_config
 from .io import atomic_write, write_text_atomic
 from .models import MODELS, build_model, model_class
@@ -79,14 +79,6 @@ class SkipConfig(Exception):
 
 
 # ----- machine ---------------------------------------------------------------------------------------
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
-    return device
-
-
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -599,7 +591,7 @@ def run_bench(
             raise ValueError(f"sizes must be among {', '.join(map(str, ALL_SIZES))}, got {size}")
     if any(b < 1 for b in batch_sizes):
         raise ValueError(f"batch sizes must be at least 1, got {batch_sizes}")
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     name = device_name(device)
     idle: dict[str, int] = {}  # the first child's resident size before it builds anything
     rows: list[dict[str, Any]] = []

@@ -60,14 +60,6 @@ def read_geometry(path: Path) -> dict[str, Any]:
     return geometry
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise HaganError(f"train.device is {name!r} but CUDA is not available on this machine")
-    return torch.device(name)
-
-
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """The logged scalars of a run, by name, as (iteration, value) pairs."""
     series: dict[str, list[tuple[int, float]]] = {}
@@ -159,7 +151,7 @@ class Trainer:
         self.dist = dist or DistContext()
         check_world_size(config, self.dist.world_size)
         self.run_dir = Path(run_dir)
-        self.device = pick_device(device_for(self.dist, config.train.device))
+        self.device = accel.resolve_device(device_for(self.dist, config.train.device))
         if not config.data.cache:
             raise HaganError("no training data: pass --data CACHE (a folder written by `hagan preprocess`)")
         self.config = config

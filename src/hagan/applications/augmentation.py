@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from hagan.api import Run
 from hagan.errors import HaganError
-from hagan.train import pick_device
+from hagan.accel import resolve_device
 
 from .classifier import TrainingRecipe, classification_scores, predict_proba, train_classifier
 from .datasets import VolumeSet, load_cache
@@ -109,7 +109,7 @@ def run_augmentation(
     settings.check()
     started = time.perf_counter()
     out = Path(out)
-    device = pick_device(settings.device)
+    device = resolve_device(settings.device)
     train = load_cache(splits["train"], progress)
     held_out = {split: load_cache(path, progress) for split, path in splits.items() if split != "train"}
     if "test" not in held_out:

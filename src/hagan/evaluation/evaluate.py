@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from hagan import __version__
+from hagan.accel import resolve_device
 from hagan.checks import read_json_object
 from hagan.errors import HaganError, VolumeError
 from hagan.evaluation.embedding import embedding_figure
@@ -564,7 +565,7 @@ def evaluate(
         raise HaganError(f"feature extractors listed twice: {features}")
     if n is not None and n < 2:
         raise HaganError(f"n must be at least 2, got {n}")
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    dev = str(resolve_device(device))
     if str(dev).startswith("cuda") and not torch.cuda.is_available():
         raise HaganError(f"device {dev!r} requested but CUDA is not available")
     if fid_method not in FID_METHODS:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from hagan.accel import resolve_device
 from hagan.errors import HaganError
 from hagan.evaluation.medicalnet import ARCHITECTURES, MedicalNetResNet, load_medicalnet, sha256_file
 
@@ -366,8 +367,7 @@ def build_extractor(
     """The extractor registered as ``name`` (see FEATURES); ``weights`` is required for MedicalNet."""
     if name not in FEATURES:
         raise HaganError(f"unknown feature extractor {name!r}; choose from {', '.join(FEATURES)}")
-    if str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(device))
     return FEATURES[name](weights=weights, device=device, allow_unknown_weights=allow_unknown_weights, **kwargs)
 
 
