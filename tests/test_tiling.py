@@ -80,3 +80,24 @@ def test_rejects_other_structures():
     strided.body[3].stride = (2, 2, 2)
     with pytest.raises(ValueError, match="3x3x3"):
         tiled_high_res(strided, features, 2)
+
+
+def test_tile_depth_on_a_model_without_tiling_is_a_clear_error(tmp_path):
+    import numpy as np
+
+    from hagan.api import load_run
+    from hagan.checkpoint import save_checkpoint
+    from hagan.config import build_config, save_yaml
+    from hagan.errors import HaganError
+    from hagan.io import write_json_atomic
+    from hagan.models import build_model
+
+    config = build_config(None, None, [{"model": {"name": "progressive", "size": 32, "latent_dim": 16},
+                                        "progressive": {"max_channels": 32}}])
+    save_checkpoint(tmp_path / "checkpoints", 0, build_model(config), {}, torch.Generator().manual_seed(0), {}, keep=1)
+    save_yaml(config, tmp_path / "config.yaml")
+    write_json_atomic(tmp_path / "geometry.json", {"reference_affine": np.eye(4).tolist(), "recipe": "mri",
+                                                   "mode": "resize", "size": 32, "num_classes": 0})
+    assert load_run(tmp_path, device="cpu").generate(1).shape == (1, 32, 32, 32)
+    with pytest.raises(HaganError, match="--tile-depth: model 'progressive' generates whole volumes"):
+        load_run(tmp_path, device="cpu", tile_depth=4)

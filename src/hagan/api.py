@@ -84,7 +84,11 @@ class Run:
         state = load_checkpoint(self.checkpoint, self.model, None, None, allow_pickle=allow_pickle)
         self.iteration = state["iteration"]
         self.model.to(self.device).eval()
-        self.model.tile_depth = tile_depth
+        if tile_depth and not self.model.supports_tiling:
+            raise HaganError(f"--tile-depth: model {self.config.model.name!r} generates whole volumes; only HA-GAN "
+                             "generates over depth tiles")
+        if self.model.supports_tiling:
+            self.model.tile_depth = tile_depth
         has_ema = getattr(self.model, "ema", None) is not None
         if sample_from == "ema" and not has_ema:
             raise HaganError(f"{self.run_dir}: this run keeps no averaged generator (train.ema_kimg is 0); "

@@ -48,6 +48,8 @@ def adam(params: Any, lr: float, betas: tuple[float, float], eps: float = 1e-8) 
 class GenerativeModel(nn.Module, ABC):
     """A model owns its networks, optimizers and update rule; the trainer owns data, logging and checkpoints."""
 
+    supports_tiling = False  # whether ``tile_depth`` (generation over depth tiles) means anything to it
+
     def __init__(self, config: Config):
         super().__init__()
         self.config = config

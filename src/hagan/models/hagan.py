@@ -66,6 +66,8 @@ def module_groups(model: "HAGAN") -> dict[str, nn.Module]:
 
 
 class HAGAN(GenerativeModel):
+    supports_tiling = True
+
     def __init__(self, config: Config):
         super().__init__(config)
         m = config.model
