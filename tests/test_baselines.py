@@ -123,7 +123,8 @@ def test_generated_volumes_lie_in_range_and_encoding_checks_its_input():
         assert x.shape == (2, 1, 32, 32, 32) and x.abs().max() <= 1
         with pytest.raises(ValueError, match="unconditional"):
             model.decode(torch.zeros(2, 16), labels=torch.zeros(2, dtype=torch.long))
-    assert not hasattr(tiny("wgan-gp"), "encode")
+    with pytest.raises(HaganError, match="model 'wgan-gp' has no encoder"):
+        tiny("wgan-gp").encode(cube())
     with pytest.raises(ValueError, match=r"shape \(n, 1, 32, 32, 32\)"):
         tiny("alpha-gan").encode(torch.zeros(1, 1, 16, 16, 16))
     vae = tiny("vae-gan").eval()

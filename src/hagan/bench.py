@@ -251,10 +251,10 @@ def _generic_estimate(model: nn.Module, params: int, real_bytes: int, batch: int
                       generate_batch: int) -> dict[str, int | None]:
     """The estimate through the model's public surface: ``memory_probes`` for training, ``sample`` for generation."""
     estimate: dict[str, int | None] = {"train": None, "generate": None}
-    probes = getattr(model, "memory_probes", None)
     try:
+        probes = model.memory_probes(batch)
         if probes is not None:
-            largest = max(_leaf_output_bytes(model, probe)[0] for probe in probes(batch).values())
+            largest = max(_leaf_output_bytes(model, probe)[0] for probe in probes.values())
             estimate["train"] = int(4 * params + real_bytes + TRAIN_ACTIVATION_FACTOR * largest)
     except Exception:  # noqa: BLE001 - no estimate, so no guard for this phase; the measurement still runs
         pass

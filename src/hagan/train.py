@@ -355,7 +355,7 @@ class Trainer:
         self.model.eval()
         rng = torch.Generator().manual_seed(SAMPLE_SEED)
         labels = (torch.arange(SAMPLES_SHOWN) % self.config.model.num_classes) if self.config.model.num_classes else None
-        if getattr(self.model, "segmentation_labels", 0):
+        if self.model.segmentation_labels:
             volumes, segmentations = self.model.sample_with_segmentation(SAMPLES_SHOWN, rng)
             volumes, segmentations = volumes.float().cpu(), segmentations.cpu()
         else:

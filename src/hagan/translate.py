@@ -60,7 +60,7 @@ def translate_files(
     """Translate each input volume into the run's domain; returns the written files (unusable inputs are
     reported on stderr and skipped, as ``hagan encode`` does)."""
     model = run.model
-    if not hasattr(model, "translate"):
+    if not model.translates:
         raise HaganError(f"{run.run_dir}: model {run.config.model.name!r} cannot translate sketches; "
                          "train one with --model patch")
     for key in ("recipe", "mode"):

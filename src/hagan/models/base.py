@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,7 +49,11 @@ def adam(params: Any, lr: float, betas: tuple[float, float], eps: float = 1e-8) 
 class GenerativeModel(nn.Module, ABC):
     """A model owns its networks, optimizers and update rule; the trainer owns data, logging and checkpoints."""
 
+    # Optional abilities, declared here so that the rest of the code asks the contract instead of probing
+    # the class: a model that has one overrides the method or flag; the others answer with a clear error.
     supports_tiling = False  # whether ``tile_depth`` (generation over depth tiles) means anything to it
+    translates = False  # whether ``translate`` maps sketches of other domains into the training domain
+    segmentation_labels = 0  # label classes generated beside the image (0: none)
 
     def __init__(self, config: Config):
         super().__init__()
@@ -68,6 +73,40 @@ class GenerativeModel(nn.Module, ABC):
     @abstractmethod
     def sample(self, n: int, rng: torch.Generator, labels: Tensor | None = None) -> Tensor:
         """``n`` full-resolution volumes (n, 1, S, S, S) in [-1, 1]."""
+
+    @abstractmethod
+    def decode(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Volumes (n, 1, S, S, S) in [-1, 1] from latents ``z``: what ``sample`` draws, for given latents."""
+
+    def encode(self, volumes: Tensor) -> Tensor:
+        """Latent codes (n, latent_dim) of volumes (n, 1, S, S, S) in [-1, 1]."""
+        raise HaganError(f"model {self.config.model.name!r} has no encoder")
+
+    def translate(self, volumes: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Volumes of another domain generated in the training domain (see ``translates``)."""
+        raise HaganError(f"model {self.config.model.name!r} cannot translate sketches; train one with --model patch")
+
+    def decode_with_segmentation(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``decode`` and the label maps generated with it (see ``segmentation_labels``)."""
+        raise HaganError(f"model {self.config.model.name!r} generates no label maps")
+
+    def sample_with_segmentation(self, n: int, rng: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``sample`` and the label maps generated with it (see ``segmentation_labels``)."""
+        raise HaganError(f"model {self.config.model.name!r} generates no label maps")
+
+    @property
+    def keeps_moving_average(self) -> bool:
+        """Whether the model keeps a moving average of its generator to sample from (``sample_from_ema``)."""
+        return False
+
+    def decode_bytes(self) -> int | None:
+        """Working memory of decoding one volume, for choosing a batch; None when the model has no estimate."""
+        return None
+
+    def memory_probes(self, batch_size: int) -> dict[str, Callable[[], object]] | None:
+        """Each update step's forward passes on a zero batch, for ``hagan bench``'s memory estimate; None
+        when the model offers none."""
+        return None
 
     def extra_state(self) -> dict[str, Any]:
         """Scalars besides weights that a resumed run needs (e.g. an adaptive augmentation strength)."""

@@ -436,6 +436,10 @@ class HAGAN(GenerativeModel):
         self._last_r1 = dict(state.get("last_r1", {}))
 
     # ----- inference ---------------------------------------------------------------------------
+    @property
+    def keeps_moving_average(self) -> bool:
+        return self.ema is not None
+
     @torch.no_grad()
     def decode(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         """Full volumes from latents: the complete A goes through G^H, as the paper's inference."""

@@ -146,6 +146,8 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
 
 
 class MultiScalePatchGAN(GenerativeModel):
+    translates = True
+
     def __init__(self, config: Config):
         super().__init__(config)
         m, p = config.model, config.patch
