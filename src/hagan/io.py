@@ -716,27 +716,27 @@ def _data_size(path: Path, header: _TextHeader, shape: tuple[int, ...], itemsize
     """
     limit = (math.prod(shape) + math.prod(shape[:2])) * itemsize
     if header.data_files is None:
-        sources, what = [(path, header.data_start)], "the file"
+        sources, what = [(path, header.data_start, os.stat(path).st_size)], "the file"
     else:
-        sources = [(source, 0) for source in header.data_files]
-        what = f"its data file {printable(sources[0][0].name)!r}" if len(sources) == 1 else f"its {len(sources)} data files"
-        for source, _ in sources:
+        sources = []
+        for source in header.data_files:
             try:
                 info = os.stat(source)
             except OSError as exc:
                 raise _error(path, f"its data file {printable(source.name)!r} cannot be read ({exc.strerror})") from exc
             if not stat.S_ISREG(info.st_mode):
                 raise _error(path, f"its data file {printable(source.name)!r} is not a regular file ({_file_kind(info.st_mode)})")
+            sources.append((source, 0, info.st_size))
+        what = f"its data file {printable(sources[0][0].name)!r}" if len(sources) == 1 else f"its {len(sources)} data files"
     skip = max(header.skip, 0)
     bound = "upper" if header.unknown_skip or header.skip == -1 else "exact"
     if header.encoding == "raw":
-        total = sum(max(os.stat(source).st_size - start - skip, 0) for source, start in sources)
-        return total, bound, what
+        return sum(max(size - start - skip, 0) for _, start, size in sources), bound, what
     if header.encoding not in ("gzip", "text", "hex"):
         return None, "exact", what
     detail = {"gzip": "inflated", "text": "as text", "hex": "as hex"}[header.encoding]
     total = 0
-    for source, start in sources:
+    for source, start, _ in sources:
         left = limit - total
         if header.encoding == "gzip":
             length = _inflated_length(path, source, start, left, wbits=47)[0] - skip
