@@ -506,10 +506,11 @@ class Trainer:
                     if iteration % t.checkpoint_every == 0:
                         self.save(iteration)
                         snapshot = None
-                err = self.model.take_divergence()
-                rolled_back_at_stop = err is not None
-                if rolled_back_at_stop:  # stopped by a signal or the time limit between two checks
-                    err.noticed = iteration
+                rolled_back_at_stop = False
+                try:  # stopped by a signal or the time limit between two checks
+                    self._check_divergence(None, iteration)
+                except DivergenceError as err:
+                    rolled_back_at_stop = True
                     iteration = self.rollback(err, snapshot)
                 if main and iteration % t.sample_every:
                     self.write_samples(iteration, writer)
