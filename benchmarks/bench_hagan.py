@@ -4,7 +4,7 @@
     python benchmarks/bench_hagan.py --sizes 32 64 --batch-sizes 2 4 --device cpu --iterations 3 --out runs/bench
 
 Every performance figure in docs/benchmarks.md comes from this script (or `hagan bench`, the same code):
-it prints one JSON document (the rows of ``hagan.bench.run_bench``) on stdout, progress on stderr, and
+it prints one JSON document (the rows of ``hagan.evaluation.bench.run_bench``) on stdout, progress on stderr, and
 with --out also writes bench.json and bench.png (memory and speed against resolution, like the paper's Fig. 6).
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from hagan.bench import ALL_SIZES, run_bench, save_bench
+from hagan.evaluation.bench import ALL_SIZES, run_bench, save_bench
 from hagan.config import parse_assignment
 from hagan.models import MODELS
 

@@ -4,7 +4,7 @@ fast paths (bf16 autocast, channels-last, torch.compile), with ratios to the aut
 
     python benchmarks/gpu_performance.py --variants fp32 bf16 bf16-cl --out runs/perf
 
-Every row comes from ``hagan.bench.run_bench`` (one child process per configuration, CUDA peak memory
+Every row comes from ``hagan.evaluation.bench.run_bench`` (one child process per configuration, CUDA peak memory
 from ``max_memory_allocated``); the authors' figures are the issue tracker's reference table, measured on
 an H100 80GB with torch 2.11, TF32 and cudnn.benchmark, same networks, same four update steps per iteration.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from hagan.bench import run_bench
+from hagan.evaluation.bench import run_bench
 
 # (size, batch) -> (it/s, peak GB) for training; size -> (ms, peak GB) for one generated volume
 AUTHORS_TRAIN = {(128, 4): (15.0, 2.58), (128, 2): (17.2, 1.83), (256, 4): (4.67, 9.42), (256, 2): (6.69, 5.25)}

@@ -29,10 +29,10 @@ from datetime import date
 import torch
 
 from hagan.config import build_config
-from hagan.models.patchgan import MultiScalePatchGAN, TensorMemoryPeak
-from hagan.phantoms import brain_mri
-from hagan.preprocess import mri_recipe
-from hagan.sketch import resize
+from hagan.models.patch.model import MultiScalePatchGAN, TensorMemoryPeak
+from hagan.data.phantoms import brain_mri
+from hagan.data.preprocess import mri_recipe
+from hagan.models.patch.sketch import resize
 
 MIB = 2**20
 # the phantom is drawn once at this size and interpolated to each measured size (drawing it at 256^3 is slow)

@@ -27,8 +27,8 @@ PROBE = textwrap.dedent(
     import json, sys, time
     import SimpleITK  # imported on the first NRRD read; its ~90 MiB are not the read's
     from hagan.errors import VolumeError
-    from hagan.io import read_volume
-    from hagan.preprocess import preprocess_volume
+    from hagan.data.io import read_volume
+    from hagan.data.preprocess import preprocess_volume
 
     def peak():  # this process's high-water mark; ru_maxrss would include the parent's, inherited at fork
         status = open("/proc/self/status").read()

@@ -19,7 +19,7 @@ import torch
 
 from hagan.config import build_config
 from hagan.models import build_model
-from hagan.models.patchgan import TensorMemoryPeak
+from hagan.models.patch.model import TensorMemoryPeak
 
 MIB = 2**20
 SYNC_OPS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.item")

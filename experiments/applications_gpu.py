@@ -34,11 +34,17 @@ import numpy as np
 from hagan.api import load_run
 from hagan.applications.augmentation import AugmentationSettings, run_augmentation
 from hagan.applications.classifier import TrainingRecipe
-from hagan.applications.datasets import cache_from_arrays, is_cache, parse_targets, prepare_npz_splits, read_tables
+from hagan.applications.datasets import (
+    cache_from_arrays,
+    is_cache,
+    parse_targets,
+    prepare_npz_splits,
+    read_tables,
+)
 from hagan.applications.features import FeatureSettings, run_features
 from hagan.applications.latent_walk import WalkSettings, run_latent_walk
 from hagan.applications.runs import TrainingPaused, checkpoint_iteration, ensure_run, training_config
-from hagan.preprocess import preprocess_folder
+from hagan.data.preprocess import preprocess_folder
 
 SEEDS = [0, 1, 2, 3, 4]
 MARGIN_MINUTES = 1.5  # start-up, checkpoint writing and the process's exit

@@ -32,12 +32,12 @@ import numpy as np
 import torch
 
 from hagan.api import load_run
-from hagan.bench import device_name, peak_rss_bytes, reset_peak_rss
+from hagan.evaluation.bench import device_name, peak_rss_bytes, reset_peak_rss
 from hagan.config import PRESETS, build_config, parse_assignment
-from hagan.data import CachedVolumeDataset
-from hagan.metrics import grey_levels, pairwise_mean_abs_diff
-from hagan.preprocess import ensure_cache
-from hagan.train import SCALARS_FILE, Trainer
+from hagan.data.dataset import CachedVolumeDataset
+from hagan.evaluation.metrics import grey_levels, pairwise_mean_abs_diff
+from hagan.data.preprocess import ensure_cache
+from hagan.training.trainer import SCALARS_FILE, Trainer
 from hagan.viz import montage_grid, three_plane_montage
 
 MODELS = ("wgan-gp", "alpha-gan", "vae-gan")

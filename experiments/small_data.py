@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from hagan.api import load_run
-from hagan.checkpoint import list_checkpoints
+from hagan.training.checkpoint import list_checkpoints
 from hagan.config import build_config
-from hagan.data import CachedVolumeDataset, load_manifest
+from hagan.data.dataset import CachedVolumeDataset, load_manifest
 from hagan.errors import HaganError
-from hagan.metrics import grey_levels, pairwise_mean_abs_diff
-from hagan.preprocess import preprocess_folder
-from hagan.train import train
+from hagan.evaluation.metrics import grey_levels, pairwise_mean_abs_diff
+from hagan.data.preprocess import preprocess_folder
+from hagan.training.trainer import train
 from hagan.viz import montage_grid, three_plane_montage
 
 # name -> (preset, overrides on top of it)

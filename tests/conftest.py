@@ -8,7 +8,7 @@ import torch
 @pytest.fixture(scope="session")
 def tiny_ct_cache(tmp_path_factory):
     """A tiny CT cache: five 32^3 volumes with a random block of tissue in air."""
-    from hagan.preprocess import preprocess_folder
+    from hagan.data.preprocess import preprocess_folder
 
     root = tmp_path_factory.mktemp("shared-cache")
     rng = np.random.default_rng(0)

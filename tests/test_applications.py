@@ -16,24 +16,46 @@ import torch
 import yaml
 
 from hagan.api import load_run
-from hagan.applications import cli
-from hagan.applications.augmentation import AugmentationSettings, class_counts, run_augmentation, synthetic_count
-from hagan.applications.classifier import Table8CNN, TrainingRecipe, classification_scores, predict_proba, train_classifier
+from hagan.cli import applications as cli
+from hagan.applications.augmentation import (
+    AugmentationSettings,
+    class_counts,
+    run_augmentation,
+    synthetic_count,
+)
+from hagan.applications.classifier import (
+    Table8CNN,
+    TrainingRecipe,
+    classification_scores,
+    predict_proba,
+    train_classifier,
+)
 from hagan.applications.datasets import (
-    load_cache, match_key, measurements, parse_targets, prepare_npz_splits, prepare_phantoms, read_tables,
+    load_cache,
+    match_key,
+    measurements,
+    parse_targets,
+    prepare_npz_splits,
+    prepare_phantoms,
+    read_tables,
 )
 from hagan.applications.features import FeatureSettings, run_features
 from hagan.applications.latent_walk import WalkSettings, fit_probe, run_latent_walk, walk_latents
 from hagan.applications.regression import (
-    Standardiser, cross_validated_r2, fit_ridge, kfold_indices, loo_alpha, out_of_fold_predictions,
+    Standardiser,
+    cross_validated_r2,
+    fit_ridge,
+    kfold_indices,
+    loo_alpha,
+    out_of_fold_predictions,
 )
 from hagan.applications.runs import ensure_run, training_config
 from hagan.applications.report import corrected_resampled_comparison, paired_comparison
 from hagan.applications.segment import affine_spacing, segment, volume_ml
 from hagan.errors import HaganError
-from hagan.phantoms import brain_mri
-from hagan.preprocess import preprocess_volume
-from hagan.io import Volume
+from hagan.data.phantoms import brain_mri
+from hagan.data.preprocess import preprocess_volume
+from hagan.data.io import Volume
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 # small and quick to learn: the encoder's learning rate is raised so that its codes follow lung size

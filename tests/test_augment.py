@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hagan.augment import AdaptiveAugmentStrength, VolumeAugment, diff_augment
+from hagan.data.augment import AdaptiveAugmentStrength, VolumeAugment, diff_augment
 
 
 def seeded(seed: int = 0) -> torch.Generator:

@@ -7,11 +7,19 @@ import json
 import matplotlib.image
 import pytest
 
-from hagan import bench
-from hagan.bench import ROW_KEYS, bench_config, estimate_memory, meta_model, param_counts, run_bench, save_bench
-from hagan.cli import main as cli_main
+from hagan.evaluation import bench
+from hagan.evaluation.bench import (
+    ROW_KEYS,
+    bench_config,
+    estimate_memory,
+    meta_model,
+    param_counts,
+    run_bench,
+    save_bench,
+)
+from hagan.cli.commands import main as cli_main
 from hagan.models import MODELS
-from hagan.models.baselines import Baseline
+from hagan.models.baselines.model import Baseline
 
 TINY = dict(sizes=[32], batch_sizes=[2], width=0.125, config_overrides=[{"model": {"latent_dim": 16}}],
             iterations=1, warmup=1, device="cpu", progress=False, threads=1, max_seconds=300)

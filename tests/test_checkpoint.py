@@ -4,7 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from hagan.checkpoint import clean_partial, list_checkpoints, load_checkpoint, load_weights, save_checkpoint
+from hagan.training.checkpoint import (
+    clean_partial,
+    list_checkpoints,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from hagan.errors import HaganError
 
 

@@ -73,7 +73,7 @@ def test_bad_yaml_and_assignment(tmp_path):
 
 def test_model_flag_alone_starts_from_that_models_preset(capsys):
     """`hagan train --model progressive` must not train with HA-GAN's learning rates and betas."""
-    from hagan.cli import build_parser, training_overrides, training_preset
+    from hagan.cli.commands import build_parser, training_overrides, training_preset
     from hagan.config import MODEL_PRESETS
     from hagan.models import MODELS
 

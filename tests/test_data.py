@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from hagan.data import CachedVolumeDataset, infinite_loader, load_manifest, split_indices
+from hagan.data.dataset import CachedVolumeDataset, infinite_loader, load_manifest, split_indices
 from hagan.errors import HaganError
-from hagan.io import write_volume
-from hagan.preprocess import preprocess_folder
+from hagan.data.io import write_volume
+from hagan.data.preprocess import preprocess_folder
 
 SIZE = 8
 

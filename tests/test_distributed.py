@@ -12,14 +12,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from hagan.cli import main
+from hagan.cli.commands import main
 from hagan.config import build_config
-from hagan.data import CachedVolumeDataset, infinite_loader
-from hagan.augment import VolumeAugment
-from hagan.distributed import DistContext
+from hagan.data.dataset import CachedVolumeDataset, infinite_loader
+from hagan.data.augment import VolumeAugment
+from hagan.training.distributed import DistContext
 from hagan.errors import HaganError
 from hagan.models import build_model
-from hagan.train import Trainer
+from hagan.training.trainer import Trainer
 
 TINY = {"size": 32, "width": 0.125, "latent_dim": 16}
 CONFIGS = {

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hagan.api import load_run
-from hagan.cli import main
+from hagan.cli.commands import main
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY = ["--set", "model.width=0.125", "--set", "model.latent_dim=16", "--set", "train.sample_every=3",

@@ -32,7 +32,7 @@ from hagan.evaluation import (
 from hagan.evaluation import medicalnet as medicalnet_module
 from hagan.evaluation.features import wheel_file
 from hagan.evaluation.stats import ms_ssim_scales
-from hagan.preprocess import preprocess_folder
+from hagan.data.preprocess import preprocess_folder
 
 SIZE = 16
 

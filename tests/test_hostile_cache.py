@@ -1,7 +1,7 @@
 """Hostile input, round two (issue 15): operating-system errors, interrupted cache rebuilds, labels
 CSVs that match ambiguously, cube sizes no model trains at, and geometry that leaves a rod.
 
-Everything runs in process through ``hagan.cli.main`` (a subprocess would spend seconds importing
+Everything runs in process through ``hagan.cli.commands.main`` (a subprocess would spend seconds importing
 torch); fixtures are small seeded arrays written here.
 """
 
@@ -15,15 +15,15 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-import hagan.checkpoint
-import hagan.preprocess
-from hagan.checkpoint import TMP_PREFIX, list_checkpoints, load_checkpoint
-from hagan.cli import main
+import hagan.training.checkpoint
+import hagan.data.preprocess
+from hagan.training.checkpoint import TMP_PREFIX, list_checkpoints, load_checkpoint
+from hagan.cli.commands import main
 from hagan.config import build_config
 from hagan.errors import HaganError
-from hagan.io import write_volume
+from hagan.data.io import write_volume
 from hagan.models import build_model
-from hagan.preprocess import MAX_CUBE_SIZE, fitted_span, preprocess_folder
+from hagan.data.preprocess import MAX_CUBE_SIZE, fitted_span, preprocess_folder
 
 ENOSPC = "No space left on device"
 NAMES = ("v0", "v1", "v2")
@@ -71,13 +71,13 @@ def caches(tmp_path_factory) -> dict:
 def count_reads(monkeypatch) -> list[Path]:
     """Every volume preprocess_folder reads, to show that a refusal came before any work."""
     reads: list[Path] = []
-    original = hagan.preprocess.read_volume
+    original = hagan.data.preprocess.read_volume
 
     def read(path):
         reads.append(path)
         return original(path)
 
-    monkeypatch.setattr(hagan.preprocess, "read_volume", read)
+    monkeypatch.setattr(hagan.data.preprocess, "read_volume", read)
     return reads
 
 
@@ -106,7 +106,7 @@ POINTS = {
     "cube 1": (np, "save", 0),
     "cube 2": (np, "save", 1),
     "cube 3": (np, "save", 2),
-    "manifest": (hagan.preprocess, "write_json_atomic", 0),
+    "manifest": (hagan.data.preprocess, "write_json_atomic", 0),
     "old cache aside": (os, "rename", 0),
     "new cache into place": (os, "rename", 1),
 }
@@ -266,7 +266,7 @@ def test_any_os_error_is_one_line_naming_the_path(monkeypatch, capsys, error, pr
     def fail(args):
         raise error
 
-    monkeypatch.setattr("hagan.cli.cmd_phantoms", fail)
+    monkeypatch.setattr("hagan.cli.commands.cmd_phantoms", fail)
     assert main(["phantoms", "out"]) == 2
     assert capsys.readouterr().err == f"hagan phantoms: error: {printed}\n"
     with pytest.raises(type(error)):
@@ -294,14 +294,14 @@ def fill_disk_at_second_checkpoint(monkeypatch, where: str) -> None:
 
         monkeypatch.setattr(Path, "write_text", write_text)
     else:
-        original = hagan.checkpoint.save_file
+        original = hagan.training.checkpoint.save_file
 
         def save_file(tensors, filename, *args, **kwargs):
             if SECOND in filename:
                 raise SafetensorError(f"Error while serializing: I/O error: {ENOSPC} (os error 28)")
             return original(tensors, filename, *args, **kwargs)
 
-        monkeypatch.setattr(hagan.checkpoint, "save_file", save_file)
+        monkeypatch.setattr(hagan.training.checkpoint, "save_file", save_file)
 
 
 def assert_previous_checkpoint_loads(run: Path) -> None:
@@ -409,9 +409,9 @@ def test_api_caps_the_cube_size(caches, tmp_path, monkeypatch, size, accepted):
     def reached(*args, **kwargs):
         raise Reached
 
-    monkeypatch.setattr(hagan.preprocess, "_prepare_destination", reached)
+    monkeypatch.setattr(hagan.data.preprocess, "_prepare_destination", reached)
     expected = (Reached, None) if accepted else (HaganError, rf"^cube size {size} is above the 512 maximum "
-                                                          r"\(hagan.preprocess.MAX_CUBE_SIZE\)")
+                                                          r"\(hagan.data.preprocess.MAX_CUBE_SIZE\)")
     with pytest.raises(expected[0], match=expected[1]):
         preprocess_folder(caches["new_src"], tmp_path / "cache", "mri", size, progress=False)
 

@@ -22,11 +22,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hagan import io as hio
-from hagan.cli import error_line, main
+from hagan.data import io as hio
+from hagan.cli.commands import error_line, main
 from hagan.errors import HaganError, VolumeError, printable
-from hagan.io import atomic_write, read_volume, write_volume
-from hagan.preprocess import preprocess_folder
+from hagan.data.io import atomic_write, read_volume, write_volume
+from hagan.data.preprocess import preprocess_folder
 
 from test_hostile_input import fuzz, nifti_bytes, read_error
 from test_io import dicom_image, write_dicom_series
@@ -163,7 +163,7 @@ def test_preprocess_never_caches_a_file_outside_the_folder(outside, tmp_path):
 PEAK_PROBE = textwrap.dedent(
     """
     import sys
-    from hagan.io import read_volume
+    from hagan.data.io import read_volume
     import SimpleITK  # imported on the first NRRD read; its ~90 MiB are not the read's
     from hagan.errors import VolumeError
 

@@ -18,12 +18,12 @@ from safetensors.torch import load_file, save_file
 
 from hagan.api import load_run
 from hagan.checks import short_repr
-from hagan.cli import build_parser, main
+from hagan.cli.commands import build_parser, main
 from hagan.config import MODEL_PRESETS, Config, build_config, parse_assignment
-from hagan.data import CachedVolumeDataset
+from hagan.data.dataset import CachedVolumeDataset
 from hagan.errors import HaganError
-from hagan.models import HAGAN
-from hagan.train import Trainer, train
+from hagan.models.hagan.model import HAGAN
+from hagan.training.trainer import Trainer, train
 
 TINY = {
     "model": {"size": 32, "width": 0.125, "latent_dim": 16},

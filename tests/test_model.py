@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hagan.config import build_config
-from hagan.losses import discriminator_loss, generator_loss, gradient_penalty, r1_penalty
+from hagan.training.losses import discriminator_loss, generator_loss, gradient_penalty, r1_penalty
 from hagan.models import build_model
 
 TINY = {"size": 32, "width": 0.125, "latent_dim": 16}
@@ -217,7 +217,7 @@ def test_an_optimizer_that_cannot_skip_on_the_device_is_checked_on_the_host():
 
 
 def test_train_latent_is_this_ranks_shard_of_the_global_batch():
-    from hagan.distributed import DistContext
+    from hagan.training.distributed import DistContext
 
     model = tiny_model()
     whole = model.train_latent(4, torch.Generator().manual_seed(3))
@@ -228,7 +228,7 @@ def test_train_latent_is_this_ranks_shard_of_the_global_batch():
 
 
 def test_minibatch_stddev_tells_a_collapsed_batch_from_a_varied_one():
-    from hagan.models.networks import minibatch_stddev
+    from hagan.models.hagan.networks import minibatch_stddev
 
     same = torch.ones(4, 3, 2, 2, 2)
     varied = torch.randn(4, 3, 2, 2, 2, generator=torch.Generator().manual_seed(0))

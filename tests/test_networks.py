@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from hagan.cli import main
+from hagan.cli.commands import main
 from hagan.config import build_config
 from hagan.models import build_model
-from hagan.models.hagan import module_groups
+from hagan.models.hagan.model import module_groups
 
 
 def counts(preset: str | None = None, **model) -> dict[str, int]:

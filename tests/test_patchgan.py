@@ -12,18 +12,18 @@ from torch import nn
 
 from hagan.config import build_config
 from hagan.errors import HaganError
-from hagan.models.patch_networks import (
+from hagan.models.patch.networks import (
     LowResDiscriminator,
     LowResGenerator,
     PatchDiscriminator,
     PatchGenerator,
     aligned_centre,
 )
-from hagan.models.patchgan import MultiScalePatchGAN, TensorMemoryPeak, gaussian_blur
-from hagan.phantoms import brain_mri
-from hagan.preprocess import mri_recipe
-from hagan.sketch import canny_edges, resize
-from hagan.stitch import crop_padded, patch_starts, stitch
+from hagan.models.patch.model import MultiScalePatchGAN, TensorMemoryPeak, gaussian_blur
+from hagan.data.phantoms import brain_mri
+from hagan.data.preprocess import mri_recipe
+from hagan.models.patch.sketch import canny_edges, resize
+from hagan.models.patch.stitch import crop_padded, patch_starts, stitch
 
 PATCH, KEEP = 16, 12
 
@@ -278,7 +278,7 @@ def test_torch_memory_stays_constant_as_the_image_grows():
 # ----- through the trainer, the inference API and the command line ---------------------------------
 
 def train_run(cache, out, iterations: int, resume: bool = False):
-    from hagan.train import train
+    from hagan.training.trainer import train
 
     config = tiny_config(32, {"iterations_per_stage": 1}, data={"cache": str(cache)},
                          train={"iterations": iterations, "checkpoint_every": 2, "sample_every": 100,
@@ -290,9 +290,9 @@ def test_resumed_training_matches_straight_training_and_translates_from_the_cli(
     from safetensors.torch import load_file
 
     from hagan.api import load_run
-    from hagan.io import read_volume
-    from hagan.preprocess import preprocess_volume
-    from hagan.translate import add_parser
+    from hagan.data.io import read_volume
+    from hagan.data.preprocess import preprocess_volume
+    from hagan.models.patch.translate import add_parser
 
     straight = train_run(tiny_ct_cache, tmp_path / "straight", 4)
     train_run(tiny_ct_cache, tmp_path / "resumed", 2)

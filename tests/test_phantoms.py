@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 
 from hagan.errors import HaganError
-from hagan.phantoms import (
+from hagan.data.phantoms import (
     FIELD_OF_VIEW_MM,
     KINDS,
     RECIPE_FOR_KIND,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from hagan.errors import HaganError, NoUsableVolumesError, VolumeError
-from hagan.io import Volume, read_volume, write_volume
-from hagan.preprocess import (
+from hagan.data.io import Volume, read_volume, write_volume
+from hagan.data.preprocess import (
     RECIPES,
     apply_recipe,
     canonicalise,

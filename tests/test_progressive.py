@@ -11,15 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from hagan.api import load_run
-from hagan.checkpoint import list_checkpoints
-from hagan.cli import main as cli_main
+from hagan.training.checkpoint import list_checkpoints
+from hagan.cli.commands import main as cli_main
 from hagan.config import build_config
-from hagan.data import CachedVolumeDataset
+from hagan.data.dataset import CachedVolumeDataset
 from hagan.errors import HaganError
-from hagan.io import read_volume, write_volume
+from hagan.data.io import read_volume, write_volume
 from hagan.models import build_model
-from hagan.models.progressive import ProgressiveGAN, channels_to_labels, critic_loss, label_channels
-from hagan.models.progressive_networks import (
+from hagan.models.progressive.model import ProgressiveGAN, channels_to_labels, critic_loss, label_channels
+from hagan.models.progressive.networks import (
     EqualizedConv,
     ProgressiveDiscriminator,
     ProgressiveGenerator,
@@ -28,9 +28,9 @@ from hagan.models.progressive_networks import (
     pixel_norm,
     upsample,
 )
-from hagan.models.progressive_schedule import GrowthSchedule
-from hagan.preprocess import preprocess_folder
-from hagan.train import Trainer
+from hagan.models.progressive.schedule import GrowthSchedule
+from hagan.data.preprocess import preprocess_folder
+from hagan.training.trainer import Trainer
 
 SIZE = 32
 LATENT = 8

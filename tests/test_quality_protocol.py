@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hagan.phantoms import write_phantom_dataset
+from hagan.data.phantoms import write_phantom_dataset
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "quality.py"
 TINY = ["--size", "32", "--width", "0.125", "--latent-dim", "16", "--batch-size", "2", "--samples", "6",

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from hagan.errors import HaganError
-from hagan.sketch import canny_edges, overlay_labels, resize, resize_labels, sketch
+from hagan.models.patch.sketch import canny_edges, overlay_labels, resize, resize_labels, sketch
 
 
 def ball(size: int, radius: float) -> np.ndarray:

@@ -6,11 +6,11 @@ import torch
 
 from hagan.config import build_config
 from hagan.errors import HaganError
-from hagan.losses import latent_moment_penalty
+from hagan.training.losses import latent_moment_penalty
 from hagan.models import build_model
-from hagan.models import hagan as hagan_module
-from hagan.models.hagan import StepInputs
-from hagan.models.tiling import tiled_high_res
+from hagan.models.hagan import model as hagan_module
+from hagan.models.hagan.model import StepInputs
+from hagan.models.hagan.tiling import tiled_high_res
 
 TINY = {"width": 0.125, "latent_dim": 16}
 
@@ -109,7 +109,7 @@ def test_ema_follows_the_generator_and_is_what_sampling_uses():
 
 def test_ema_weights_are_saved_beside_the_raw_ones_and_resume_exactly(tiny_ct_cache, tmp_path):
     from hagan.api import load_run
-    from hagan.train import train
+    from hagan.training.trainer import train
 
     def config(iterations):
         return build_config(None, None, [
@@ -132,7 +132,7 @@ def test_ema_weights_are_saved_beside_the_raw_ones_and_resume_exactly(tiny_ct_ca
 
 def test_asking_for_an_average_the_run_does_not_keep_is_an_error(tiny_ct_cache, tmp_path):
     from hagan.api import load_run
-    from hagan.train import train
+    from hagan.training.trainer import train
 
     config = build_config(None, None, [{"model": {"size": 32, **TINY}}, {"optim": {"batch_size": 2}},
                                        {"data": {"cache": str(tiny_ct_cache)}}, {"train": {"iterations": 1}}])

@@ -42,7 +42,7 @@ def test_recomputing_high_res_activations_gives_the_same_step_in_less_memory():
     step, bitwise on CPU, and a lower peak."""
     import torch
 
-    from hagan.models.patchgan import TensorMemoryPeak
+    from hagan.models.patch.model import TensorMemoryPeak
 
     g = torch.Generator().manual_seed(0)
     data = {"image": torch.rand(2, 1, 64, 64, 64, generator=g) * 2 - 1, "label": torch.full((2,), -1)}

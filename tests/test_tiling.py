@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from hagan.models.networks import HighResGenerator
-from hagan.models.tiling import tiled_high_res
+from hagan.models.hagan.networks import HighResGenerator
+from hagan.models.hagan.tiling import tiled_high_res
 
 SHAPE = (2, 16, 8, 6, 5)  # non-cubic, so a mixed-up axis cannot pass
 
@@ -86,10 +86,10 @@ def test_tile_depth_on_a_model_without_tiling_is_a_clear_error(tmp_path):
     import numpy as np
 
     from hagan.api import load_run
-    from hagan.checkpoint import save_checkpoint
+    from hagan.training.checkpoint import save_checkpoint
     from hagan.config import build_config, save_yaml
     from hagan.errors import HaganError
-    from hagan.io import write_json_atomic
+    from hagan.data.io import write_json_atomic
     from hagan.models import build_model
 
     config = build_config(None, None, [{"model": {"name": "progressive", "size": 32, "latent_dim": 16},

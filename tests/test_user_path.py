@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from hagan.cli import COMMANDS, build_parser, command_list_parser, main
+from hagan.cli.commands import COMMANDS, build_parser, command_list_parser, main
 from hagan.evaluation.evaluate import real_halves, repeated
 from hagan.evaluation.medicalnet import MedicalNetResNet
-from hagan.phantoms import write_phantom_dataset
+from hagan.data.phantoms import write_phantom_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 IXI = ROOT.parent / "shared" / "data" / "ixi-t1-2mm" / "t1"
@@ -93,7 +93,7 @@ def test_train_from_real_ixi_heads(tmp_path, capsys):
 
 
 def test_size_overrides_a_presets_size():
-    from hagan.cli import training_overrides, training_preset
+    from hagan.cli.commands import training_overrides, training_preset
     from hagan.config import build_config
 
     args = build_parser().parse_args(["train", "--data", "c", "--out", "r", "--preset", "small-data-128", "--size", "32"])
@@ -224,7 +224,7 @@ def test_command_list_matches_the_full_parser():
 
 
 def test_top_level_help_does_not_import_torch():
-    code = ("import sys\nfrom hagan.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom hagan.cli.commands import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)

@@ -12,11 +12,13 @@ from typing import Any
 
 import yaml
 
-from .accel import PRECISIONS
+from .training.accel import PRECISIONS
 from .checks import short_repr, short_text
 from .errors import HaganError
-from .io import display_path, write_text_atomic
-from .sections import baselines as baseline_section, patch as patch_section, progressive as progressive_section
+from .data.io import display_path, write_text_atomic
+from .models.baselines import section as baseline_section
+from .models.patch import section as patch_section
+from .models.progressive import section as progressive_section
 
 
 @dataclass

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from scipy.signal import lfilter
 from torch import Tensor
 
-from hagan.io import atomic_write
+from hagan.data.io import atomic_write
 
 PLANE_NAMES = ("axial", "coronal", "sagittal")
 MAX_MONTAGE_VOLUMES = 16

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from hagan.api import Run
 from hagan.errors import HaganError
-from hagan.accel import resolve_device
+from hagan.training.accel import resolve_device
 
 from .classifier import TrainingRecipe, classification_scores, predict_proba, train_classifier
 from .datasets import VolumeSet, load_cache

@@ -11,7 +11,7 @@ import scipy.stats
 from matplotlib.figure import Figure
 
 from hagan import __version__
-from hagan.io import atomic_write, write_json_atomic
+from hagan.data.io import atomic_write, write_json_atomic
 
 RESULTS_FILE = "results.json"
 

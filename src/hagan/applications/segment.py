@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from hagan.errors import HaganError
-from hagan.preprocess import to_hounsfield
+from hagan.data.preprocess import to_hounsfield
 
 BONE_HU = 200.0
 AIR_HU = -400.0

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from hagan.errors import HaganError
-from hagan.io import atomic_write
+from hagan.data.io import atomic_write
 
 
 def classical_mds(features: np.ndarray, n_components: int = 2) -> np.ndarray:

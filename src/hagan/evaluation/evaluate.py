@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from hagan import __version__
-from hagan.accel import resolve_device
+from hagan.training.accel import resolve_device
 from hagan.checks import read_json_object
 from hagan.errors import HaganError, VolumeError
 from hagan.evaluation.embedding import embedding_figure
@@ -47,8 +47,8 @@ from hagan.evaluation.stats import (
     ms_ssim_scales,
     mmd,
 )
-from hagan.io import atomic_write, list_volume_paths, read_volume, write_json_atomic, write_text_atomic
-from hagan.preprocess import canonicalise, fit_to_cube, output_to_model_range, preprocess_volume
+from hagan.data.io import atomic_write, list_volume_paths, read_volume, write_json_atomic, write_text_atomic
+from hagan.data.preprocess import canonicalise, fit_to_cube, output_to_model_range, preprocess_volume
 
 STATS_FORMAT = "hagan-eval-stats/1"
 FAKE_RECIPES = ("ct", "mri", "none")
@@ -107,7 +107,7 @@ class CacheSource(VolumeSource):
     kind = "cache"
 
     def __init__(self, cache_dir: Path):
-        from hagan.data import CachedVolumeDataset
+        from hagan.data.dataset import CachedVolumeDataset
 
         self.dataset = CachedVolumeDataset(cache_dir)
         self.path = cache_dir
@@ -217,7 +217,7 @@ def protocol_size(real: Any, fake: Any, size: int | None = None) -> tuple[int, s
     elif _is_stats(real):
         fixed.append((int(load_stats(real)[1].get("size") or 0), f"stats file {real}"))
     elif _is_cache(Path(real)):
-        from hagan.data import load_manifest
+        from hagan.data.dataset import load_manifest
 
         fixed.append((int(load_manifest(real)["size"]), f"cache {real}"))
     if size is not None:
@@ -763,7 +763,7 @@ class PeriodicKID:
         self, real_cache: str | os.PathLike, extractor: TorchExtractor, n: int = 32, seed: int = 0,
         batch_size: int = 2, n_subsets: int = 50,
     ):
-        from hagan.data import CachedVolumeDataset
+        from hagan.data.dataset import CachedVolumeDataset
 
         dataset = CachedVolumeDataset(real_cache)
         if len(dataset) < 2 or n < 2:

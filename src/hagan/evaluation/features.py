@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from hagan.accel import resolve_device
+from hagan.training.accel import resolve_device
 from hagan.errors import HaganError
 from hagan.evaluation.medicalnet import ARCHITECTURES, MedicalNetResNet, load_medicalnet, sha256_file
 

@@ -1,25 +1,28 @@
 """Models that plug into the trainer; ``build_model`` picks one by ``model.name``.
 
-Each entry names the class by import path, so a run imports only the model it trains.
+Each entry names the class by import path, so a run imports only the model it trains (and
+``import hagan.models`` imports no network at all).
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from ..checks import short_repr
-from ..config import Config
 from ..errors import HaganError
-from .base import GenerativeModel
-from .hagan import HAGAN
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from .base import GenerativeModel
 
 MODELS: dict[str, str] = {
-    "hagan": "hagan.models.hagan:HAGAN",
-    "patch": "hagan.models.patchgan:MultiScalePatchGAN",
-    "progressive": "hagan.models.progressive:ProgressiveGAN",
-    "wgan-gp": "hagan.models.baselines:WGANGP",
-    "alpha-gan": "hagan.models.baselines:AlphaGAN",
-    "vae-gan": "hagan.models.baselines:VAEGAN",
+    "hagan": "hagan.models.hagan.model:HAGAN",
+    "patch": "hagan.models.patch.model:MultiScalePatchGAN",
+    "progressive": "hagan.models.progressive.model:ProgressiveGAN",
+    "wgan-gp": "hagan.models.baselines.model:WGANGP",
+    "alpha-gan": "hagan.models.baselines.model:AlphaGAN",
+    "vae-gan": "hagan.models.baselines.model:VAEGAN",
 }
 
 
@@ -34,4 +37,4 @@ def build_model(config: Config) -> GenerativeModel:
     return model_class(config.model.name)(config)
 
 
-__all__ = ["MODELS", "GenerativeModel", "HAGAN", "build_model", "model_class"]
+__all__ = ["MODELS", "build_model", "model_class"]

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import accel
+from ..training import accel
 from ..config import Config
-from ..distributed import DistContext, sync_gradients
+from ..training.distributed import DistContext, sync_gradients
 from ..errors import HaganError
 
 
