@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from hagan.evaluation.bench import ALL_SIZES, run_bench, save_bench
 from hagan.config import parse_assignment
+from hagan.evaluation.bench import ALL_SIZES, run_bench, save_bench
 from hagan.models import MODELS
 
 

@@ -29,9 +29,9 @@ from datetime import date
 import torch
 
 from hagan.config import build_config
-from hagan.models.patch.model import MultiScalePatchGAN, TensorMemoryPeak
+from hagan.data.intensity import mri_recipe
 from hagan.data.phantoms import brain_mri
-from hagan.data.preprocess import mri_recipe
+from hagan.models.patch.model import MultiScalePatchGAN, TensorMemoryPeak
 from hagan.models.patch.sketch import resize
 
 MIB = 2**20

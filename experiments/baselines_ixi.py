@@ -32,11 +32,11 @@ import numpy as np
 import torch
 
 from hagan.api import load_run
-from hagan.evaluation.bench import device_name, peak_rss_bytes, reset_peak_rss
 from hagan.config import PRESETS, build_config, parse_assignment
 from hagan.data.dataset import CachedVolumeDataset
-from hagan.evaluation.metrics import grey_levels, pairwise_mean_abs_diff
 from hagan.data.preprocess import ensure_cache
+from hagan.evaluation.bench import device_name, peak_rss_bytes, reset_peak_rss
+from hagan.evaluation.metrics import grey_levels, pairwise_mean_abs_diff
 from hagan.training.trainer import SCALARS_FILE, Trainer
 from hagan.viz import montage_grid, three_plane_montage
 

@@ -39,10 +39,10 @@ import torch
 from hagan.api import load_run
 from hagan.config import build_config
 from hagan.data.dataset import CachedVolumeDataset, split_indices
-from hagan.evaluation.stats import ms_ssim_3d
 from hagan.data.io import list_volume_paths
-from hagan.models.patch.model import MultiScalePatchGAN, TensorMemoryPeak
 from hagan.data.preprocess import preprocess_folder
+from hagan.evaluation.stats import ms_ssim_3d
+from hagan.models.patch.model import MultiScalePatchGAN, TensorMemoryPeak
 from hagan.models.patch.sketch import resize
 from hagan.training.trainer import train
 from hagan.viz import three_plane_montage

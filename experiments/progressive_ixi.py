@@ -40,13 +40,13 @@ import numpy as np
 import torch
 
 from hagan.api import load_run
-from hagan.evaluation.bench import device_name, peak_rss_bytes, reset_peak_rss
 from hagan.config import build_config, parse_assignment
 from hagan.data.dataset import CachedVolumeDataset, infinite_loader
+from hagan.data.preprocess import ensure_cache
+from hagan.evaluation.bench import device_name, peak_rss_bytes, reset_peak_rss
 from hagan.evaluation.metrics import grey_levels, pairwise_mean_abs_diff
 from hagan.models import build_model
 from hagan.models.progressive.schedule import GrowthSchedule
-from hagan.data.preprocess import ensure_cache
 from hagan.training.trainer import SCALARS_FILE, Trainer, pick_device
 from hagan.viz import montage_grid, three_plane_montage
 

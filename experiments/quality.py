@@ -39,14 +39,14 @@ from scipy.ndimage import gaussian_filter
 
 from hagan.api import load_run
 from hagan.applications.datasets import load_cache
-from hagan.training.checkpoint import list_checkpoints
 from hagan.config import build_config, parse_assignment
 from hagan.data.dataset import CachedVolumeDataset, split_indices
-from hagan.evaluation import build_extractor, fid_from_features, kid
 from hagan.data.io import list_volume_paths, write_json_atomic, write_text_atomic
+from hagan.data.preprocess import preprocess_folder
+from hagan.evaluation import build_extractor, fid_from_features, kid
 from hagan.evaluation.metrics import grey_levels, pairwise_mean_abs_diff
 from hagan.models import build_model
-from hagan.data.preprocess import preprocess_folder
+from hagan.training.checkpoint import list_checkpoints
 from hagan.training.trainer import read_scalars, train
 from hagan.viz import MAX_MONTAGE_VOLUMES, montage_grid, three_plane_montage
 

@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from hagan.api import load_run
-from hagan.training.checkpoint import list_checkpoints
 from hagan.config import build_config
-from hagan.data.dataset import CachedVolumeDataset, load_manifest
+from hagan.data.cache import load_manifest
+from hagan.data.dataset import CachedVolumeDataset
+from hagan.data.preprocess import preprocess_folder
 from hagan.errors import HaganError
 from hagan.evaluation.metrics import grey_levels, pairwise_mean_abs_diff
-from hagan.data.preprocess import preprocess_folder
+from hagan.training.checkpoint import list_checkpoints
 from hagan.training.trainer import train
 from hagan.viz import montage_grid, three_plane_montage
 

@@ -12,15 +12,15 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
-from hagan.training import accel
-from hagan.training.accel import resolve_precision
 from hagan.api import load_run
-from hagan.data.augment import VolumeAugment
-from hagan.evaluation.bench import meta_model, param_counts
 from hagan.config import build_config
+from hagan.data.augment import VolumeAugment
 from hagan.errors import HaganError
+from hagan.evaluation.bench import meta_model, param_counts
 from hagan.models import build_model
 from hagan.models.hagan.networks import Float32SpectralNorm, spectral_norm
+from hagan.training import accel
+from hagan.training.accel import resolve_precision
 from hagan.training.trainer import Trainer
 
 SMALL = {"size": 32, "width": 0.25, "latent_dim": 128}  # the fp32 / bf16 comparisons
@@ -425,8 +425,8 @@ def test_trainer_loader_workers_give_the_same_augmented_batches(tiny_ct_cache, t
 
 
 def test_one_device_resolution_for_every_command():
-    from hagan.training.accel import resolve_device
     from hagan.errors import HaganError
+    from hagan.training.accel import resolve_device
 
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == torch.device("cpu")

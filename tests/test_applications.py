@@ -16,7 +16,6 @@ import torch
 import yaml
 
 from hagan.api import load_run
-from hagan.cli import applications as cli
 from hagan.applications.augmentation import (
     AugmentationSettings,
     class_counts,
@@ -49,13 +48,14 @@ from hagan.applications.regression import (
     loo_alpha,
     out_of_fold_predictions,
 )
-from hagan.applications.runs import ensure_run, training_config
 from hagan.applications.report import corrected_resampled_comparison, paired_comparison
+from hagan.applications.runs import ensure_run, training_config
 from hagan.applications.segment import affine_spacing, segment, volume_ml
-from hagan.errors import HaganError
+from hagan.cli import applications as cli
+from hagan.data.io import Volume
 from hagan.data.phantoms import brain_mri
 from hagan.data.preprocess import preprocess_volume
-from hagan.data.io import Volume
+from hagan.errors import HaganError
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 # small and quick to learn: the encoder's learning rate is raised so that its codes follow lung size

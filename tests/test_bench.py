@@ -7,6 +7,7 @@ import json
 import matplotlib.image
 import pytest
 
+from hagan.cli.commands import main as cli_main
 from hagan.evaluation import bench
 from hagan.evaluation.bench import (
     ROW_KEYS,
@@ -17,7 +18,6 @@ from hagan.evaluation.bench import (
     run_bench,
     save_bench,
 )
-from hagan.cli.commands import main as cli_main
 from hagan.models import MODELS
 from hagan.models.baselines.model import Baseline
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from hagan.errors import HaganError
 from hagan.training.checkpoint import (
     clean_partial,
     list_checkpoints,
@@ -11,7 +12,6 @@ from hagan.training.checkpoint import (
     load_weights,
     save_checkpoint,
 )
-from hagan.errors import HaganError
 
 
 def trained_net(seed=0):

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from hagan.data.dataset import CachedVolumeDataset, infinite_loader, load_manifest, split_indices
-from hagan.errors import HaganError
+from hagan.data.cache import load_manifest
+from hagan.data.dataset import CachedVolumeDataset, infinite_loader, split_indices
 from hagan.data.io import write_volume
 from hagan.data.preprocess import preprocess_folder
+from hagan.errors import HaganError
 
 SIZE = 8
 

@@ -14,11 +14,11 @@ from safetensors.torch import load_file, save_file
 
 from hagan.cli.commands import main
 from hagan.config import build_config
-from hagan.data.dataset import CachedVolumeDataset, infinite_loader
 from hagan.data.augment import VolumeAugment
-from hagan.training.distributed import DistContext
+from hagan.data.dataset import CachedVolumeDataset, infinite_loader
 from hagan.errors import HaganError
 from hagan.models import build_model
+from hagan.training.distributed import DistContext
 from hagan.training.trainer import Trainer
 
 TINY = {"size": 32, "width": 0.125, "latent_dim": 16}

@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from hagan.data.preprocess import preprocess_folder
 from hagan.errors import HaganError
 from hagan.evaluation import (
     FEATURES,
@@ -32,7 +33,6 @@ from hagan.evaluation import (
 from hagan.evaluation import medicalnet as medicalnet_module
 from hagan.evaluation.features import wheel_file
 from hagan.evaluation.stats import ms_ssim_scales
-from hagan.data.preprocess import preprocess_folder
 
 SIZE = 16
 

@@ -15,15 +15,16 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-import hagan.training.checkpoint
 import hagan.data.preprocess
-from hagan.training.checkpoint import TMP_PREFIX, list_checkpoints, load_checkpoint
+import hagan.training.checkpoint
 from hagan.cli.commands import main
 from hagan.config import build_config
-from hagan.errors import HaganError
+from hagan.data.cube import fitted_span
 from hagan.data.io import write_volume
+from hagan.data.preprocess import MAX_CUBE_SIZE, preprocess_folder
+from hagan.errors import HaganError
 from hagan.models import build_model
-from hagan.data.preprocess import MAX_CUBE_SIZE, fitted_span, preprocess_folder
+from hagan.training.checkpoint import TMP_PREFIX, list_checkpoints, load_checkpoint
 
 ENOSPC = "No space left on device"
 NAMES = ("v0", "v1", "v2")

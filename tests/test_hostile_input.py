@@ -22,15 +22,14 @@ import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
-from hagan.data import io as hio
-from hagan.cli.commands import main
-from hagan.errors import NoUsableVolumesError, VolumeError
-from hagan.data.io import VOLUME_EXTENSIONS, Volume, list_volume_paths, read_volume, write_volume
-from hagan.data.preprocess import preprocess_folder, preprocess_volume
-
 from test_io import dicom_image, write_dicom_series
 from test_preprocess import head_phantom, lps_affine
+
+from hagan.cli.commands import main
+from hagan.data import io as hio
+from hagan.data.io import VOLUME_EXTENSIONS, Volume, list_volume_paths, read_volume, write_volume
+from hagan.data.preprocess import preprocess_folder, preprocess_volume
+from hagan.errors import NoUsableVolumesError, VolumeError
 
 FUZZ_SCALE = max(1, int(os.environ.get("HAGAN_FUZZ_SCALE", "1")))
 

@@ -21,16 +21,15 @@ import pydicom
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from hagan.data import io as hio
-from hagan.cli.commands import error_line, main
-from hagan.errors import HaganError, VolumeError, printable
-from hagan.data.io import atomic_write, read_volume, write_volume
-from hagan.data.preprocess import preprocess_folder
-
 from test_hostile_input import fuzz, nifti_bytes, read_error
 from test_io import dicom_image, write_dicom_series
 from test_preprocess import head_phantom, lps_affine
+
+from hagan.cli.commands import error_line, main
+from hagan.data import io as hio
+from hagan.data.io import atomic_write, read_volume, write_volume
+from hagan.data.preprocess import preprocess_folder
+from hagan.errors import HaganError, VolumeError, printable
 
 CUBE = np.arange(64, dtype=np.float32).reshape(4, 4, 4)  # (k, j, i): slice k is CUBE[k]
 NRRD = "NRRD0004\ntype: float\ndimension: 3\nsizes: 4 4 4\nencoding: raw\nendian: little\n"

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from hagan.errors import HaganError, VolumeError
 from hagan.data.io import atomic_write, list_volume_paths, read_volume, write_json_atomic, write_volume
+from hagan.errors import HaganError, VolumeError
 
 IXI_T1 = Path(__file__).resolve().parents[2] / "shared" / "data" / "ixi-t1-2mm" / "t1"
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from hagan.config import build_config
-from hagan.training.losses import discriminator_loss, generator_loss, gradient_penalty, r1_penalty
 from hagan.models import build_model
+from hagan.training.losses import discriminator_loss, generator_loss, gradient_penalty, r1_penalty
 
 TINY = {"size": 32, "width": 0.125, "latent_dim": 16}
 

@@ -9,14 +9,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from hagan.api import load_run
-from hagan.training.checkpoint import save_checkpoint
+from hagan.applications.synthetic_dataset import SyntheticVolumes
 from hagan.cli.commands import main
 from hagan.config import build_config, save_yaml
+from hagan.data.io import write_json_atomic
 from hagan.errors import HaganError
 from hagan.evaluation.stats import fid_from_features, mmd, ms_ssim_3d
-from hagan.data.io import write_json_atomic
 from hagan.models import build_model
-from hagan.applications.synthetic_dataset import SyntheticVolumes
+from hagan.training.checkpoint import save_checkpoint
 
 TINY = ["--set", "model.width=0.125", "--set", "model.latent_dim=16", "--set", "train.sample_every=2",
         "--set", "train.checkpoint_every=2", "--set", "train.log_every=1"]

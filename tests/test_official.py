@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from hagan.api import load_run
-from hagan.training.checkpoint import load_checkpoint
 from hagan.cli.commands import main
 from hagan.errors import HaganError
 from hagan.models.hagan.official import import_official
+from hagan.training.checkpoint import load_checkpoint
 
 LATENT = 64
 TOL = 1e-5

@@ -11,7 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hagan.config import build_config
+from hagan.data.intensity import mri_recipe
+from hagan.data.phantoms import brain_mri
 from hagan.errors import HaganError
+from hagan.models.patch.model import MultiScalePatchGAN, TensorMemoryPeak, gaussian_blur
 from hagan.models.patch.networks import (
     LowResDiscriminator,
     LowResGenerator,
@@ -19,9 +22,6 @@ from hagan.models.patch.networks import (
     PatchGenerator,
     aligned_centre,
 )
-from hagan.models.patch.model import MultiScalePatchGAN, TensorMemoryPeak, gaussian_blur
-from hagan.data.phantoms import brain_mri
-from hagan.data.preprocess import mri_recipe
 from hagan.models.patch.sketch import canny_edges, resize
 from hagan.models.patch.stitch import crop_padded, patch_starts, stitch
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from hagan.errors import HaganError
 from hagan.data.phantoms import (
     FIELD_OF_VIEW_MM,
     KINDS,
@@ -19,6 +18,7 @@ from hagan.data.phantoms import (
     thorax_ct,
     write_phantom_dataset,
 )
+from hagan.errors import HaganError
 
 THORAX_ATTRIBUTES = ["lung_volume_ml", "bone_volume_ml", "body_volume_ml", "emphysema_fraction", "grade", "body_size"]
 BRAIN_ATTRIBUTES = ["ventricle_volume_ml", "brain_volume_ml", "intracranial_volume_ml", "grey_matter_volume_ml",

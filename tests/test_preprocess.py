@@ -5,20 +5,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hagan.errors import HaganError, NoUsableVolumesError, VolumeError
+from hagan.data.cube import canonicalise, fit_to_cube, trim_blank_slices
+from hagan.data.intensity import RECIPES, apply_recipe, output_to_model_range, to_output_intensity
 from hagan.data.io import Volume, read_volume, write_volume
-from hagan.data.preprocess import (
-    RECIPES,
-    apply_recipe,
-    canonicalise,
-    ensure_cache,
-    fit_to_cube,
-    output_to_model_range,
-    preprocess_folder,
-    preprocess_volume,
-    to_output_intensity,
-    trim_blank_slices,
-)
+from hagan.data.preprocess import ensure_cache, preprocess_folder, preprocess_volume
+from hagan.errors import HaganError, NoUsableVolumesError, VolumeError
 
 IXI_T1 = Path(__file__).resolve().parents[2] / "shared" / "data" / "ixi-t1-2mm" / "t1"
 

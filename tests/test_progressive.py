@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from hagan.api import load_run
-from hagan.training.checkpoint import list_checkpoints
 from hagan.cli.commands import main as cli_main
 from hagan.config import build_config
 from hagan.data.dataset import CachedVolumeDataset
-from hagan.errors import HaganError
 from hagan.data.io import read_volume, write_volume
+from hagan.data.preprocess import preprocess_folder
+from hagan.errors import HaganError
 from hagan.models import build_model
 from hagan.models.progressive.model import ProgressiveGAN, channels_to_labels, critic_loss, label_channels
 from hagan.models.progressive.networks import (
@@ -29,7 +29,7 @@ from hagan.models.progressive.networks import (
     upsample,
 )
 from hagan.models.progressive.schedule import GrowthSchedule
-from hagan.data.preprocess import preprocess_folder
+from hagan.training.checkpoint import list_checkpoints
 from hagan.training.trainer import Trainer
 
 SIZE = 32

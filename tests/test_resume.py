@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hagan.training.checkpoint import TMP_PREFIX, TRASH_PREFIX, list_checkpoints, load_checkpoint
 from hagan.config import build_config
 from hagan.errors import HaganError
 from hagan.models import build_model
+from hagan.training.checkpoint import TMP_PREFIX, TRASH_PREFIX, list_checkpoints, load_checkpoint
 from hagan.training.trainer import Trainer, read_scalars, train
 
 TINY = {"size": 32, "width": 0.125, "latent_dim": 16}

@@ -6,11 +6,11 @@ import torch
 
 from hagan.config import build_config
 from hagan.errors import HaganError
-from hagan.training.losses import latent_moment_penalty
 from hagan.models import build_model
 from hagan.models.hagan import model as hagan_module
 from hagan.models.hagan.model import StepInputs
 from hagan.models.hagan.tiling import tiled_high_res
+from hagan.training.losses import latent_moment_penalty
 
 TINY = {"width": 0.125, "latent_dim": 16}
 

@@ -86,11 +86,11 @@ def test_tile_depth_on_a_model_without_tiling_is_a_clear_error(tmp_path):
     import numpy as np
 
     from hagan.api import load_run
-    from hagan.training.checkpoint import save_checkpoint
     from hagan.config import build_config, save_yaml
-    from hagan.errors import HaganError
     from hagan.data.io import write_json_atomic
+    from hagan.errors import HaganError
     from hagan.models import build_model
+    from hagan.training.checkpoint import save_checkpoint
 
     config = build_config(None, None, [{"model": {"name": "progressive", "size": 32, "latent_dim": 16},
                                         "progressive": {"max_channels": 32}}])

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from hagan.cli.commands import COMMANDS, build_parser, command_list_parser, main
+from hagan.data.phantoms import write_phantom_dataset
 from hagan.evaluation.evaluate import real_halves, repeated
 from hagan.evaluation.medicalnet import MedicalNetResNet
-from hagan.data.phantoms import write_phantom_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 IXI = ROOT.parent / "shared" / "data" / "ixi-t1-2mm" / "t1"

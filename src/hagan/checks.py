@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import HaganError, printable
 from .data.io import display_path
+from .errors import HaganError, printable
 
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 4, 4, 4, 4

@@ -12,13 +12,13 @@ from typing import Any
 
 import yaml
 
-from .training.accel import PRECISIONS
 from .checks import short_repr, short_text
-from .errors import HaganError
 from .data.io import display_path, write_text_atomic
+from .errors import HaganError
 from .models.baselines import section as baseline_section
 from .models.patch import section as patch_section
 from .models.progressive import section as progressive_section
+from .training.accel import PRECISIONS
 
 
 @dataclass

@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from hagan.data.dataset import CachedVolumeDataset, load_manifest, split_indices
-from hagan.errors import HaganError, VolumeError
+from hagan.data.cache import load_manifest
+from hagan.data.dataset import CachedVolumeDataset, split_indices
 from hagan.data.io import list_volume_paths, read_volume, volume_stem, write_json_atomic
 from hagan.data.phantoms import RECIPE_FOR_KIND, write_phantom_dataset
 from hagan.data.preprocess import preprocess_folder, preprocess_volume
+from hagan.errors import HaganError, VolumeError
 
 NPZ_SPLITS = ("train", "val", "test")
 ATTRIBUTES_FILE = "attributes.csv"

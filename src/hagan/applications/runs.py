@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hagan.api import Run, load_run
-from hagan.training.checkpoint import list_checkpoints
 from hagan.config import Config, build_config, load_yaml, parse_assignment
 from hagan.errors import HaganError
+from hagan.training.checkpoint import list_checkpoints
 from hagan.training.trainer import CONFIG_FILE, train
 
 

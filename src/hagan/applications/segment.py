@@ -21,8 +21,8 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage
 
+from hagan.data.intensity import to_hounsfield
 from hagan.errors import HaganError
-from hagan.data.preprocess import to_hounsfield
 
 BONE_HU = 200.0
 AIR_HU = -400.0

@@ -86,8 +86,8 @@ def cmd_phantoms(args: argparse.Namespace) -> None:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
-    from ..models.hagan.networks import SUPPORTED_SIZES
     from ..data.preprocess import preprocess_folder
+    from ..models.hagan.networks import SUPPORTED_SIZES
 
     # a cache is for training, so refuse up front a size no model trains at (the Python API also
     # takes small sizes, for tests and feature extraction)
@@ -154,8 +154,8 @@ def volumes_to_cache(args: argparse.Namespace, config: Config, out: Path) -> Pat
     """When ``--data`` is a folder of volumes, point ``config.data.cache`` at ``OUT/cache`` and return the
     folder to preprocess into it; None when there is nothing to preprocess (a cache was given, or a
     resumed run reuses the cache its first start made)."""
-    from ..training.distributed import env_world_size
     from ..data.io import list_volume_paths
+    from ..training.distributed import env_world_size
 
     if not config.data.cache:
         return None  # the trainer says that data are needed
@@ -184,7 +184,7 @@ def volumes_to_cache(args: argparse.Namespace, config: Config, out: Path) -> Pat
 
 def check_cache_size(args: argparse.Namespace, config: Config) -> None:
     """A cache at another size than the model: the error gives the command that trains at the cache's size."""
-    from ..data.dataset import load_manifest
+    from ..data.cache import load_manifest
 
     cache = Path(config.data.cache)
     if not is_cache_folder(cache):
@@ -209,8 +209,8 @@ def check_not_trained(args: argparse.Namespace, config: Config, out: Path) -> No
 
 def cmd_train(args: argparse.Namespace) -> None:
     from ..config import build_config, check_world_size
-    from ..training.distributed import env_world_size, from_env
     from ..data.preprocess import preprocess_folder
+    from ..training.distributed import env_world_size, from_env
     from ..training.trainer import CONFIG_FILE, Trainer, prepare_run_dir
 
     out = Path(args.out)
@@ -387,8 +387,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     import json
 
-    from ..evaluation.bench import format_row, run_bench, save_bench
     from ..config import parse_assignment
+    from ..evaluation.bench import format_row, run_bench, save_bench
 
     rows = run_bench(
         models=args.models, sizes=args.sizes, batch_sizes=args.batch_sizes, device=args.device,
@@ -422,8 +422,8 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
     import torch
 
-    from ..evaluation.bench import module_param_counts
     from ..config import build_config
+    from ..evaluation.bench import module_param_counts
     from ..models import build_model
 
     overrides = [{"model": {"size": args.size}}] if args.size else []
@@ -507,9 +507,10 @@ def command_list_parser() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     from ..checks import non_negative_int, positive_int, seed_int
     from ..config import PRESETS
+    from ..data.cube import FIT_MODES
+    from ..data.intensity import RECIPES
     from ..evaluation import FEATURES
     from ..models import MODELS
-    from ..data.preprocess import FIT_MODES, RECIPES
 
     presets = ", ".join(sorted(PRESETS))
     parser, sub = top_parser()
@@ -687,9 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
     p.set_defaults(func=cmd_summary)
 
-    from .applications import add_parser as add_experiment
     from ..models.hagan.official import add_parser as add_import_official
     from ..models.patch.translate import add_parser as add_translate
+    from .applications import add_parser as add_experiment
 
     add_translate(sub)
     add_import_official(sub)

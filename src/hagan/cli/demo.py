@@ -11,10 +11,10 @@ import torch
 from ..api import load_run
 from ..config import build_config
 from ..data.dataset import CachedVolumeDataset
-from ..errors import HaganError
-from ..evaluation.metrics import pairwise_mean_abs_diff
 from ..data.phantoms import RECIPE_FOR_KIND, write_phantom_dataset
 from ..data.preprocess import preprocess_folder
+from ..errors import HaganError
+from ..evaluation.metrics import pairwise_mean_abs_diff
 from ..training.trainer import train
 from ..viz import three_plane_montage
 

@@ -20,8 +20,8 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from hagan.errors import HaganError
 from hagan.data.io import atomic_write, write_volume
+from hagan.errors import HaganError
 
 FIELD_OF_VIEW_MM = {"thorax-ct": 350.0, "brain-mri": 240.0}
 MIN_SIZE, MAX_SIZE = 16, 256

@@ -1,8 +1,6 @@
-"""Turning raw scans into the model's cubes: canonical orientation, intensity recipe, trimming, resizing.
-
-Cache/model axis convention: axis 0 runs inferior->superior (axial slices stacked along axis 0),
-axis 1 posterior->anterior, axis 2 left->right, i.e. nibabel axis codes ('S', 'A', 'R'). The GAN's
-sub-volumes are slabs along axis 0.
+"""Turning raw scans into the model's cubes (canonical orientation, intensity recipe, trimming,
+resizing: see :mod:`hagan.data.cube` and :mod:`hagan.data.intensity`), with their class labels and
+label maps, and writing a folder of them as a cache.
 """
 
 from __future__ import annotations
@@ -15,17 +13,18 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel.orientations as nio
 import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
 from hagan import __version__
-from hagan.errors import HaganError, NoUsableVolumesError, VolumeError, printable
+from hagan.data.cache import CACHE_FORMAT
+from hagan.data.cube import FIT_MODES, canonical_view, check_fit, fit_to_cube, nonblank_slices, trim_blank_slices
+from hagan.data.intensity import RECIPES, apply_recipe
 from hagan.data.io import (
     Volume,
     atomic_write,
@@ -36,220 +35,17 @@ from hagan.data.io import (
     volume_stem,
     write_json_atomic,
 )
+from hagan.errors import HaganError, NoUsableVolumesError, VolumeError, printable
 
-CANONICAL_AXCODES = ("S", "A", "R")
-BACKGROUND = -1.0
-CACHE_FORMAT = "hagan-cache/1"
 # label maps are stored in the smallest unsigned type that holds their largest value
 MAX_SEGMENTATION_LABEL = np.iinfo(np.uint16).max
 LABEL_NAME_SEPARATORS = "_-."
 MAX_CLASS_LABEL = 65535  # a label above it is a measurement or a typo, not a class index
-FIT_MODES = ("resize_keep_aspect", "resize", "pad")
-CT_WINDOW_HU = (-1024.0, 600.0)
-MRI_PERCENTILE = 99.9
 # The largest cube edge: the largest size any model trains at (preset paper-512). 512^3 float16 is
 # 256 MiB per cube; a typo such as --size 1000 would write 2 GB per volume.
 MAX_CUBE_SIZE = 512
-# Geometry rule: along every cube axis the volume's content must span at least MIN_FITTED_VOXELS
-# voxels (else it is skipped as unusable: a sheet or a rod) and is flagged when it spans less than
-# SPARSE_FIT_FRACTION of the edge (a wrong voxel size in the header is the usual cause).
-MIN_FITTED_VOXELS = 2
-SPARSE_FIT_FRACTION = 1 / 8
 # What a cache folder holds; a folder with anything else is never replaced (it holds user files).
 CACHE_PARTS = ("manifest.json", "volumes", "segmentations")
-
-_BLANK_TOLERANCE = 1e-6
-
-
-def canonicalise(volume: Volume) -> Volume:
-    """Reorient to the model's ('S','A','R') axes so every cube has the same anatomy layout."""
-    array, affine = _canonical_view(volume)
-    return Volume(np.ascontiguousarray(array), affine)
-
-
-def _canonical_view(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
-    """canonicalise's axes as a view of ``volume``'s voxels (flips and transposes copy nothing)."""
-    current = nio.io_orientation(volume.affine)
-    transform = nio.ornt_transform(current, nio.axcodes2ornt(CANONICAL_AXCODES))
-    array = nio.apply_orientation(volume.array, transform)
-    return array, volume.affine @ nio.inv_ornt_aff(transform, volume.array.shape)
-
-
-def ct_recipe(array: np.ndarray) -> np.ndarray:
-    """HU window [-1024, 600] to [-1, 1]; missing (non-finite) voxels count as air."""
-    return _window_in_place(_finite_copy(array, CT_WINDOW_HU[0]), *CT_WINDOW_HU)
-
-
-def mri_recipe(array: np.ndarray) -> np.ndarray:
-    """[min, p99.9] to [-1, 1]: MRI has no absolute scale, and a few hot voxels must not squash the rest."""
-    out = _finite_copy(array, 0.0)
-    low = float(out.min())
-    high = float(np.percentile(out, MRI_PERCENTILE))
-    if high <= low:
-        high = float(out.max())
-    if high <= low:
-        return np.full(array.shape, BACKGROUND, dtype=np.float32)
-    return _window_in_place(out, low, high)
-
-
-def _finite_copy(array: np.ndarray, missing: float) -> np.ndarray:
-    """One float32 copy with non-finite voxels set to ``missing``: the recipes then work in place, so a
-    large volume costs one more volume rather than four (float64 temporaries included)."""
-    out = np.array(array, dtype=np.float32)
-    out[~np.isfinite(out)] = missing
-    return out
-
-
-def _window_in_place(out: np.ndarray, low: float, high: float) -> np.ndarray:
-    """[low, high] mapped linearly to [-1, 1], clipped outside, overwriting ``out``. Centred, then
-    divided by the half-width, so that no step overflows float32 even for windows of +-3e38."""
-    np.clip(out, low, high, out=out)
-    out -= np.float32(low / 2 + high / 2)
-    out /= np.float32(high / 2 - low / 2)
-    return np.clip(out, -1.0, 1.0, out=out)
-
-
-RECIPES: dict[str, Callable[[np.ndarray], np.ndarray]] = {"ct": ct_recipe, "mri": mri_recipe}
-
-
-def to_output_intensity(array: np.ndarray, recipe: str) -> np.ndarray:
-    """Undo the recipe's scaling for writing: CT back to Hounsfield units (int16), MRI to [0, 1] (float32)."""
-    if recipe == "ct":
-        return np.round(to_hounsfield(array)).astype(np.int16)
-    return ((np.asarray(array, np.float32) + 1) / 2).astype(np.float32)
-
-
-def to_hounsfield(array: np.ndarray) -> np.ndarray:
-    """Model range [-1, 1] back to Hounsfield units of the CT recipe's window (float32)."""
-    low, high = CT_WINDOW_HU
-    return (np.asarray(array, np.float32) + 1) / 2 * (high - low) + low
-
-
-def output_to_model_range(array: np.ndarray, recipe: str) -> np.ndarray:
-    """to_output_intensity's inverse: CT from Hounsfield units, MRI from [0, 1], 'none' as is."""
-    if recipe == "ct":
-        low, high = CT_WINDOW_HU
-        out = (array - low) / (high - low) * 2 - 1
-    elif recipe == "mri":
-        out = array * 2 - 1
-    elif recipe == "none":
-        out = array
-    else:
-        raise HaganError(f"unknown recipe {printable(str(recipe))!r} for generated volumes; choose from ct, mri, none")
-    return np.clip(out, -1, 1).astype(np.float32)
-
-
-def apply_recipe(array: np.ndarray, name: str) -> np.ndarray:
-    """Apply the intensity recipe called ``name`` (see RECIPES); the result is float32 in [-1, 1]."""
-    if name not in RECIPES:
-        raise HaganError(f"unknown recipe {name!r}; valid recipes: {', '.join(sorted(RECIPES))}")
-    return RECIPES[name](array)
-
-
-def _shift_affine(affine: np.ndarray, offset: Iterable[float]) -> np.ndarray:
-    """Affine of a grid whose voxel 0 sits at voxel ``offset`` of the old grid."""
-    shift = np.eye(4)
-    shift[:3, 3] = list(offset)
-    return affine @ shift
-
-
-def nonblank_slices(array: np.ndarray, background: float = BACKGROUND) -> np.ndarray:
-    """Boolean per axial plane (axis 0): True where some voxel is above background."""
-    return ~np.all(array <= background + _BLANK_TOLERANCE, axis=(1, 2))
-
-
-def trim_blank_slices(
-    array: np.ndarray, affine: np.ndarray, background: float = BACKGROUND
-) -> tuple[np.ndarray, np.ndarray]:
-    """Drop all-background axial planes at both ends (never inside) so the cube holds anatomy, not air.
-
-    An entirely blank array comes back with zero planes; callers check for that first.
-    """
-    kept = np.flatnonzero(nonblank_slices(array, background))
-    if kept.size == 0:
-        return array[:0], affine.copy()
-    first, last = int(kept[0]), int(kept[-1])
-    return array[first : last + 1], _shift_affine(affine, (first, 0, 0))
-
-
-def _zoom_to_shape(
-    array: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Linear resampling that keeps the volume's outer edges in place (voxel-centre convention)."""
-    scale = np.array(array.shape, dtype=np.float64) / np.array(shape, dtype=np.float64)
-    zoomed = ndimage.zoom(array, 1.0 / scale, output=np.float32, order=1, mode="nearest", grid_mode=True)
-    # Output voxel o samples input index (o + 0.5) * scale - 0.5.
-    resample = np.eye(4)
-    resample[:3, :3] = np.diag(scale)
-    resample[:3, 3] = (scale - 1.0) / 2.0
-    return zoomed, affine @ resample
-
-
-def _pad_or_crop(
-    array: np.ndarray, affine: np.ndarray, size: int, background: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Centre each axis in a ``size`` window, padding with background or cropping symmetrically."""
-    pads, crops = [], []
-    for n in array.shape:
-        pad_before = max(size - n, 0) // 2
-        crop_before = max(n - size, 0) // 2
-        pads.append((pad_before, max(size - n, 0) - pad_before))
-        crops.append(slice(crop_before, crop_before + min(n, size)))
-    cube = np.pad(array[tuple(crops)], pads, mode="constant", constant_values=background)
-    offset = [c.start - p[0] for c, p in zip(crops, pads)]
-    return cube, _shift_affine(affine, offset)
-
-
-def fit_to_cube(
-    array: np.ndarray,
-    affine: np.ndarray,
-    size: int,
-    mode: str = "resize_keep_aspect",
-    background: float = BACKGROUND,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Bring a volume to ``size``^3 and keep the affine right, so generated cubes can be placed in the world.
-
-    ``resize`` stretches each axis to ``size`` (the paper's anisotropic resize); ``pad`` centre-pads
-    with background or centre-crops; ``resize_keep_aspect`` resamples to isotropic *physical* spacing
-    so that the largest physical extent fills ``size``, then pads, keeping anatomy proportions.
-    """
-    if mode not in FIT_MODES:
-        raise HaganError(f"unknown mode {mode!r}; valid modes: {', '.join(FIT_MODES)}")
-    if mode == "resize":
-        return _zoom_to_shape(array, affine, (size, size, size))
-    if mode == "resize_keep_aspect":
-        spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-        extent = np.array(array.shape) * spacing
-        target_spacing = extent.max() / size
-        shape = tuple(int(n) for n in np.clip(np.round(extent / target_spacing), 1, size))
-        array, affine = _zoom_to_shape(array, affine, shape)
-    return _pad_or_crop(array, affine, size, background)
-
-
-def fitted_span(shape: tuple[int, ...], spacing: Iterable[float], size: int, mode: str) -> tuple[int, ...]:
-    """Cube voxels that ``fit_to_cube`` gives the volume along each axis (the rest is padding).
-
-    ``resize`` always fills the cube; ``pad`` keeps voxels one to one; ``resize_keep_aspect`` scales
-    the largest physical extent to ``size``, so a volume of 0.1 x 0.1 x 10 mm voxels becomes a rod.
-    """
-    if mode == "resize":
-        return (size,) * len(shape)
-    if mode == "pad":
-        return tuple(min(int(n), size) for n in shape)
-    extent = np.array(shape, dtype=np.float64) * np.array(list(spacing), dtype=np.float64)
-    return tuple(int(n) for n in np.clip(np.round(extent / extent.max() * size), 1, size))
-
-
-def _check_geometry(source: str, shape: tuple[int, ...], spacing: Iterable[float], size: int, mode: str) -> str | None:
-    """A VolumeError when the fitted content is a sheet or a rod, a warning when it fills little of the cube."""
-    span = fitted_span(shape, spacing, size, mode)
-    if min(span) >= SPARSE_FIT_FRACTION * size:
-        return None
-    extent = "x".join(f"{n * s:.3g}" for n, s in zip(shape, spacing))
-    where = f"its {extent} mm extent (S, A, R) fills {'x'.join(map(str, span))} voxels of the {size}^3 cube"
-    if min(span) < MIN_FITTED_VOXELS:
-        raise VolumeError(source, f"{where}: a sheet or rod, nothing to learn; check the voxel size in its header")
-    return f"{source}: {where} (under 1/{round(1 / SPARSE_FIT_FRACTION)} of an edge); check the voxel size in its header"
 
 
 def _check_raw(source: str, array: np.ndarray) -> None:
@@ -268,7 +64,7 @@ def _preprocess(
     if mode not in FIT_MODES:
         raise HaganError(f"unknown mode {mode!r}; valid modes: {', '.join(FIT_MODES)}")
     _check_raw(source, volume.array)
-    canonical, affine = _canonical_view(volume)
+    canonical, affine = canonical_view(volume)
     array = apply_recipe(canonical, recipe)  # the recipe's copy is the only one
     if array.min() == array.max():
         raise VolumeError(source, f"constant after the {recipe} recipe (all intensities outside its range)")
@@ -286,7 +82,7 @@ def _preprocess(
             shape = "x".join(str(n) for n in array.shape)
             minimum = f"{smallest}x{smallest}x{smallest}"
             raise VolumeError(source, f"shape {shape} is smaller than the {minimum} minimum for pad mode")
-    warning = _check_geometry(source, array.shape, Volume(array, affine).spacing, size, mode)
+    warning = check_fit(source, array.shape, Volume(array, affine).spacing, size, mode)
     cube, cube_affine = fit_to_cube(array, affine, size, mode)
     cube = np.clip(cube, -1.0, 1.0).astype(np.float32)
     return Volume(cube, cube_affine), trimmed, warning
@@ -807,7 +603,7 @@ def _build_cache(
 def ensure_cache(data: str | os.PathLike, out: str | os.PathLike, recipe: str, size: int, max_volumes: int = 0) -> Path:
     """``data`` itself when it is already a cache, else ``out`` made from its first ``max_volumes``
     volumes (0: all), or reused when an earlier call made it: experiments accept either."""
-    from hagan.data.dataset import load_manifest
+    from hagan.data.cache import load_manifest
 
     try:
         load_manifest(data)

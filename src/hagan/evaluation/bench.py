@@ -50,10 +50,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from ..training.accel import configure_cuda, resolve_device, resolve_precision
 from ..config import build_config
 from ..data.io import atomic_write, write_text_atomic
 from ..models import MODELS, build_model, model_class
+from ..training.accel import configure_cuda, resolve_device, resolve_precision
 
 RESULT_MARKER = "HAGAN_BENCH_RESULT "
 DEFAULT_SIZES = (32, 64, 128)

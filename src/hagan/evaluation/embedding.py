@@ -14,8 +14,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from hagan.errors import HaganError
 from hagan.data.io import atomic_write
+from hagan.errors import HaganError
 
 
 def classical_mds(features: np.ndarray, n_components: int = 2) -> np.ndarray:

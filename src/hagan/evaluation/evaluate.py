@@ -30,25 +30,27 @@ import torch
 from tqdm import tqdm
 
 from hagan import __version__
-from hagan.training.accel import resolve_device
 from hagan.checks import read_json_object
+from hagan.data.cube import canonicalise, fit_to_cube
+from hagan.data.intensity import output_to_model_range
+from hagan.data.io import atomic_write, list_volume_paths, read_volume, write_json_atomic, write_text_atomic
+from hagan.data.preprocess import preprocess_volume
 from hagan.errors import HaganError, VolumeError
 from hagan.evaluation.embedding import embedding_figure
 from hagan.evaluation.features import PLANES, TorchExtractor, build_extractor
 from hagan.evaluation.stats import (
-    MS_SSIM_KERNEL,
-    MS_SSIM_SIGMA,
     DATA_RANGE,
     FID_METHODS,
+    MS_SSIM_KERNEL,
+    MS_SSIM_SIGMA,
     feature_statistics,
     fid_from_features,
     kid,
     mean_pairwise_ms_ssim,
-    ms_ssim_scales,
     mmd,
+    ms_ssim_scales,
 )
-from hagan.data.io import atomic_write, list_volume_paths, read_volume, write_json_atomic, write_text_atomic
-from hagan.data.preprocess import canonicalise, fit_to_cube, output_to_model_range, preprocess_volume
+from hagan.training.accel import resolve_device
 
 STATS_FORMAT = "hagan-eval-stats/1"
 FAKE_RECIPES = ("ct", "mri", "none")
@@ -217,7 +219,7 @@ def protocol_size(real: Any, fake: Any, size: int | None = None) -> tuple[int, s
     elif _is_stats(real):
         fixed.append((int(load_stats(real)[1].get("size") or 0), f"stats file {real}"))
     elif _is_cache(Path(real)):
-        from hagan.data.dataset import load_manifest
+        from hagan.data.cache import load_manifest
 
         fixed.append((int(load_manifest(real)["size"]), f"cache {real}"))
     if size is not None:

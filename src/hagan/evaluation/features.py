@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from hagan.training.accel import resolve_device
 from hagan.errors import HaganError
 from hagan.evaluation.medicalnet import ARCHITECTURES, MedicalNetResNet, load_medicalnet, sha256_file
+from hagan.training.accel import resolve_device
 
 INPUT_RANGE = (-1.0, 1.0)
 PLANES = ("axial", "coronal", "sagittal")  # slices along cache axes 0 (S), 1 (A), 2 (R)

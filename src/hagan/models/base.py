@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..training import accel
 from ..config import Config
-from ..training.distributed import DistContext, sync_gradients
 from ..errors import HaganError
+from ..training import accel
+from ..training.distributed import DistContext, sync_gradients
 
 
 class DivergenceError(HaganError):

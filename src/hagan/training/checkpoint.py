@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checks import is_int, read_json_object, short_repr, short_text
-from ..errors import HaganError
 from ..data.io import display_path, fsync_path
+from ..errors import HaganError
 
 WEIGHTS = "weights.safetensors"
 TRAINING_STATE = "training_state.safetensors"

@@ -15,19 +15,20 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import accel
-from ..data.augment import VolumeAugment
-from .checkpoint import STATE, clean_partial, list_checkpoints, load_checkpoint, save_checkpoint
 from ..checks import affine_problem, is_int, read_json_object, short_repr, short_text
 from ..config import Config, check_world_size, save_yaml
+from ..data.augment import VolumeAugment
+from ..data.cube import FIT_MODES
 from ..data.dataset import CachedVolumeDataset, infinite_loader
-from .distributed import DistContext, device_for, env_world_size, from_env
-from ..errors import HaganError
+from ..data.intensity import RECIPES
 from ..data.io import display_path, write_json_atomic, write_text_atomic
+from ..errors import HaganError
 from ..models import build_model
 from ..models.base import DivergenceError
-from ..data.preprocess import FIT_MODES, RECIPES
 from ..viz import label_display, montage_grid, montage_tensor, plot_curves, three_plane_montage
+from . import accel
+from .checkpoint import STATE, clean_partial, list_checkpoints, load_checkpoint, save_checkpoint
+from .distributed import DistContext, device_for, env_world_size, from_env
 
 CONFIG_FILE = "config.yaml"
 GEOMETRY_FILE = "geometry.json"

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...data.augment import AdaptiveAugmentStrength, diff_augment
 from ...config import Config
+from ...data.augment import AdaptiveAugmentStrength, diff_augment
 from ...training.losses import (
     discriminator_loss,
     generator_loss,
@@ -21,7 +21,6 @@ from ...training.losses import (
     r1_penalty,
 )
 from ..base import GenerativeModel, adam
-from .tiling import tiled_high_res
 from .networks import (
     CommonGenerator,
     GlobalEncoder,
@@ -31,6 +30,7 @@ from .networks import (
     LowResGenerator,
     SlabEncoder,
 )
+from .tiling import tiled_high_res
 
 SLABS_PER_VOLUME = 8
 # from 512^3 on, G^H's last upsampled intermediate has more than 2^31 elements, past what CUDA kernels

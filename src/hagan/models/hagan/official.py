@@ -14,7 +14,7 @@ What is imported, and why not D:
   run format holds every module, so the run gets a new, untrained D (seeded); its ``state.json`` says so.
 
 Orientation: the authors never reoriented their scans, while ``hagan`` works on cubes whose array axes
-point (S, A, R) (``hagan.data.preprocess.CANONICAL_AXCODES``), the layout ``hagan encode`` gives its inputs.
+point (S, A, R) (``hagan.data.cube.CANONICAL_AXCODES``), the layout ``hagan encode`` gives its inputs.
 Flipping an array axis of every convolution kernel, and of the 4^3 grid that G's first dense layer fills,
 flips the network's output along that axis exactly: GroupNorm and nearest upsampling do not care about
 order, 3^3 kernels with padding 1 and 4^3 kernels with stride 2 and padding 1 are symmetric about a
@@ -39,13 +39,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ...training.checkpoint import check_finite, save_checkpoint
 from ...checks import short_text
 from ...config import Config, build_config, save_yaml
-from ...errors import HaganError
 from ...data.io import display_path, write_json_atomic
-from .. import build_model
+from ...errors import HaganError
+from ...training.checkpoint import check_finite, save_checkpoint
 from ...training.trainer import CONFIG_FILE, GEOMETRY_FILE
+from .. import build_model
 
 SIZE = 256
 PRESET = "paper-256"

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from hagan.models.hagan.networks import HighResGenerator, Upsample
 
-
 STRUCTURE = "expected high_gen.body = Upsample, (Conv3d, GroupNorm, ReLU), Upsample, Conv3d, Tanh"
 
 

@@ -35,8 +35,6 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ...checks import short_repr
 from ...config import Config
 from ...errors import HaganError
-from .sketch import resize, resize_labels, sketch
-from .stitch import crop_padded, stitch
 from ..base import GenerativeModel
 from .networks import (
     LowResDiscriminator,
@@ -46,6 +44,8 @@ from .networks import (
     SeedDiscriminator,
     SeedGenerator,
 )
+from .sketch import resize, resize_labels, sketch
+from .stitch import crop_padded, stitch
 
 # voxels above this (5% of the range above the background) count as foreground when sampling patches
 FOREGROUND = -0.9

@@ -18,12 +18,13 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from ...training.accel import PRECISIONS
 from ...api import Run, load_run, to_output_intensity
 from ...checks import positive_int
-from ...errors import HaganError, VolumeError
+from ...data.intensity import RECIPES
 from ...data.io import Volume, display_path, list_volume_paths, read_volume, volume_stem, write_volume
-from ...data.preprocess import RECIPES, preprocess_volume
+from ...data.preprocess import preprocess_volume
+from ...errors import HaganError, VolumeError
+from ...training.accel import PRECISIONS
 from ...viz import three_plane_montage
 
 MONTAGE_VOLUMES = 4
