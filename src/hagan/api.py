@@ -206,7 +206,8 @@ class Run:
     def reconstruct(
         self, volumes: np.ndarray | torch.Tensor, labels: int | Sequence[int] | None = None, batch_size: int = 1
     ) -> np.ndarray:
-        """Volumes regenerated from their own latent codes (the encoder's round trip)."""
+        """Volumes regenerated from their own latent codes (the encoder's round trip), each on its input's
+        cube grid: pass the cubes' affines to ``save`` so that each reconstruction overlays its input."""
         z = torch.as_tensor(self.encode(volumes, batch_size))
         return self._finite(torch.cat(list(self.decode_batches(z, labels, batch_size)))[:, 0].numpy())
 
@@ -219,15 +220,23 @@ class Run:
                              f"{len(volumes)} volumes (first: volume {bad[0]}); nothing written")
         return volumes
 
-    def save(self, volumes: np.ndarray, out_dir: str | os.PathLike, prefix: str = "sample") -> list[Path]:
-        """Write each volume as NIfTI with the training geometry and the recipe's intensity units."""
+    def save(
+        self, volumes: np.ndarray, out_dir: str | os.PathLike, prefix: str = "sample",
+        affines: Sequence[np.ndarray] | None = None,
+    ) -> list[Path]:
+        """Write each volume as NIfTI in the recipe's intensity units, with its own affine from ``affines``
+        (a reconstruction goes where its input's cube was) or, by default, the run's generated geometry."""
         if not np.isfinite(volumes).all():
             raise HaganError(f"{display_path(out_dir)}: refusing to write volumes that hold NaN or Inf")
+        if affines is None:
+            affines = [self.affine] * len(volumes)
+        elif len(affines) != len(volumes):
+            raise HaganError(f"save: {len(affines)} affines for {len(volumes)} volumes; give one per volume")
         out = Path(out_dir)
         recipe = self.geometry.get("recipe", "")
         return [
-            write_volume(out / f"{prefix}_{i:04d}.nii.gz", to_output_intensity(v, recipe), self.affine)
-            for i, v in enumerate(volumes)
+            write_volume(out / f"{prefix}_{i:04d}.nii.gz", to_output_intensity(v, recipe), affine)
+            for i, (v, affine) in enumerate(zip(volumes, affines))
         ]
 
     def save_label_maps(self, label_maps: np.ndarray, out_dir: str | os.PathLike, prefix: str = "sample") -> list[Path]:
