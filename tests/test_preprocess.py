@@ -13,6 +13,7 @@ from hagan.preprocess import (
     canonicalise,
     ensure_cache,
     fit_to_cube,
+    generated_affine,
     output_to_model_range,
     preprocess_folder,
     preprocess_volume,
@@ -192,7 +193,7 @@ def test_preprocess_folder_writes_cache_and_reports_bad_files(mixed_folder, tmp_
     assert (manifest["recipe"], manifest["size"], manifest["mode"]) == ("mri", 16, "resize")
     assert [e["name"] for e in manifest["entries"]] == [f"IXI00{i}-HH-100{i}_T1" for i in range(3)]
     assert manifest["num_classes"] == 0
-    assert manifest["reference_affine"] == manifest["entries"][0]["affine"]
+    assert manifest["reference_affine"] == generated_affine(manifest).tolist()
     for entry in manifest["entries"]:
         cube = np.load(dst / entry["file"])
         assert cube.shape == (16, 16, 16) and cube.dtype == np.float16
@@ -260,8 +261,8 @@ def test_written_back_cube_covers_source_world_extent(tmp_path):
         preprocess_folder(src, dst, "mri", 32, mode=mode, progress=False)
         manifest = json.loads((dst / "manifest.json").read_text())
         cube = np.load(dst / manifest["entries"][0]["file"]).astype(np.float32)
-        reference = np.array(manifest["reference_affine"])
-        out = read_volume(write_volume(tmp_path / f"{mode}.nii.gz", cube, reference))
+        cube_affine = np.array(manifest["entries"][0]["affine"])
+        out = read_volume(write_volume(tmp_path / f"{mode}.nii.gz", cube, cube_affine))
 
         def foreground_box(volume: Volume, threshold: float) -> np.ndarray:
             corners = world(volume.affine, np.argwhere(volume.array > threshold))

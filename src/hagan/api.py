@@ -2,7 +2,7 @@
 
 >>> run = hagan.load_run("runs/demo")
 >>> volumes = run.generate(4, seed=0)          # (4, S, S, S) float32 in [-1, 1]
->>> run.save(volumes, "generated/")            # NIfTI with the training data's affine and intensities
+>>> run.save(volumes, "generated/")            # NIfTI in the run's canonical geometry, training intensities
 >>> z = run.encode(volumes)                    # (4, latent_dim)
 """
 
@@ -103,6 +103,8 @@ class Run:
 
     @property
     def affine(self) -> np.ndarray:
+        """The affine generated volumes are written with: geometry.json's ``reference_affine``, the canonical
+        geometry of the training cache (``hagan.preprocess.generated_affine``)."""
         if "reference_affine" in self.geometry:
             return np.asarray(self.geometry["reference_affine"], dtype=np.float64)
         return np.eye(4)

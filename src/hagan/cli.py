@@ -584,8 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--allow-pickle", action="store_true",
                        help="accept a pickle weights file (.pt/.pth), loaded with weights_only; only from sources you trust")
 
-    p = add_command(sub, "generate", "Writes NIfTI volumes with the training data's geometry and units (CT in HU, "
-                    "MRI in [0, 1]) and montage.png.", "hagan generate runs/ixi --n 16 --out generated/ --seed 0")
+    p = add_command(sub, "generate", "Writes NIfTI volumes in the training data's units (CT in HU, MRI in [0, 1]) "
+                    "and the run's canonical geometry (RAS, centred on the origin, the training cubes' median voxel "
+                    "size), and montage.png.", "hagan generate runs/ixi --n 16 --out generated/ --seed 0")
     run_args(p)
     p.add_argument("--n", type=positive_int, default=8, help="volumes to generate")
     p.add_argument("--out", required=True, help="folder to write the volumes to")

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from hagan.checks import affine_problem, is_int, read_json_object, short_repr, short_text
 from hagan.errors import HaganError
 from hagan.io import display_path
-from hagan.preprocess import CACHE_FORMAT, FIT_MODES, RECIPES
+from hagan.preprocess import CACHE_FORMAT, FIT_MODES, RECIPES, generated_affine
 
 
 def load_manifest(cache_dir: str | os.PathLike) -> dict:
@@ -63,7 +63,7 @@ def _manifest_problem(manifest: dict) -> str | None:
 def _entry_problem(entry: Any, num_classes: int) -> str | None:
     if not isinstance(entry, dict):
         return f"must be an object, got {short_repr(entry)}"
-    for key in ("name", "file", "label"):
+    for key in ("name", "file", "label", "affine"):
         if key not in entry:
             return f"lacks {key}"
     if not isinstance(entry["name"], str):
@@ -71,6 +71,9 @@ def _entry_problem(entry: Any, num_classes: int) -> str | None:
     label = entry["label"]
     if not is_int(label) or not -1 <= label < num_classes:
         return f"label must be an integer from -1 (unknown) to num_classes - 1 = {num_classes - 1}, got {short_repr(label)}"
+    affine = affine_problem(entry["affine"])
+    if affine:
+        return f"affine {affine}"
     for key in ("file", "segmentation"):
         if key in entry:
             problem = _relative_path_problem(entry[key])
@@ -177,8 +180,9 @@ class CachedVolumeDataset(Dataset):
 
     @property
     def reference_affine(self) -> np.ndarray:
-        """The affine generated cubes are written with, so they overlay the training data."""
-        return np.asarray(self.manifest["reference_affine"], dtype=np.float64)
+        """The affine generated cubes are written with (``generated_affine``), computed from the entries so
+        that caches whose manifest holds their first volume's affine get the same canonical geometry."""
+        return generated_affine(self.manifest)
 
     @property
     def names(self) -> list[str]:
