@@ -5,7 +5,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hagan.data.cube import canonicalise, fit_to_cube, trim_blank_slices
+from hagan.data.cube import canonicalise, fit_to_cube, generated_affine, trim_blank_slices
 from hagan.data.intensity import RECIPES, apply_recipe, output_to_model_range, to_output_intensity
 from hagan.data.io import Volume, read_volume, write_volume
 from hagan.data.preprocess import ensure_cache, preprocess_folder, preprocess_volume
@@ -183,7 +183,7 @@ def test_preprocess_folder_writes_cache_and_reports_bad_files(mixed_folder, tmp_
     assert (manifest["recipe"], manifest["size"], manifest["mode"]) == ("mri", 16, "resize")
     assert [e["name"] for e in manifest["entries"]] == [f"IXI00{i}-HH-100{i}_T1" for i in range(3)]
     assert manifest["num_classes"] == 0
-    assert manifest["reference_affine"] == manifest["entries"][0]["affine"]
+    assert manifest["reference_affine"] == generated_affine(manifest).tolist()
     for entry in manifest["entries"]:
         cube = np.load(dst / entry["file"])
         assert cube.shape == (16, 16, 16) and cube.dtype == np.float16
@@ -251,8 +251,8 @@ def test_written_back_cube_covers_source_world_extent(tmp_path):
         preprocess_folder(src, dst, "mri", 32, mode=mode, progress=False)
         manifest = json.loads((dst / "manifest.json").read_text())
         cube = np.load(dst / manifest["entries"][0]["file"]).astype(np.float32)
-        reference = np.array(manifest["reference_affine"])
-        out = read_volume(write_volume(tmp_path / f"{mode}.nii.gz", cube, reference))
+        cube_affine = np.array(manifest["entries"][0]["affine"])
+        out = read_volume(write_volume(tmp_path / f"{mode}.nii.gz", cube, cube_affine))
 
         def foreground_box(volume: Volume, threshold: float) -> np.ndarray:
             corners = world(volume.affine, np.argwhere(volume.array > threshold))

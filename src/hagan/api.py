@@ -2,7 +2,7 @@
 
 >>> run = hagan.load_run("runs/demo")
 >>> volumes = run.generate(4, seed=0)          # (4, S, S, S) float32 in [-1, 1]
->>> run.save(volumes, "generated/")            # NIfTI with the training data's affine and intensities
+>>> run.save(volumes, "generated/")            # NIfTI in the run's canonical geometry, training intensities
 >>> z = run.encode(volumes)                    # (4, latent_dim)
 """
 
@@ -104,6 +104,8 @@ class Run:
 
     @property
     def affine(self) -> np.ndarray:
+        """The affine generated volumes are written with: geometry.json's ``reference_affine``, the canonical
+        geometry of the training cache (``hagan.data.cube.generated_affine``)."""
         if "reference_affine" in self.geometry:
             return np.asarray(self.geometry["reference_affine"], dtype=np.float64)
         return np.eye(4)
@@ -207,7 +209,8 @@ class Run:
     def reconstruct(
         self, volumes: np.ndarray | torch.Tensor, labels: int | Sequence[int] | None = None, batch_size: int = 1
     ) -> np.ndarray:
-        """Volumes regenerated from their own latent codes (the encoder's round trip)."""
+        """Volumes regenerated from their own latent codes (the encoder's round trip), each on its input's
+        cube grid: pass the cubes' affines to ``save`` so that each reconstruction overlays its input."""
         z = torch.as_tensor(self.encode(volumes, batch_size))
         return self._finite(torch.cat(list(self.decode_batches(z, labels, batch_size)))[:, 0].numpy())
 
@@ -220,15 +223,23 @@ class Run:
                              f"{len(volumes)} volumes (first: volume {bad[0]}); nothing written")
         return volumes
 
-    def save(self, volumes: np.ndarray, out_dir: str | os.PathLike, prefix: str = "sample") -> list[Path]:
-        """Write each volume as NIfTI with the training geometry and the recipe's intensity units."""
+    def save(
+        self, volumes: np.ndarray, out_dir: str | os.PathLike, prefix: str = "sample",
+        affines: Sequence[np.ndarray] | None = None,
+    ) -> list[Path]:
+        """Write each volume as NIfTI in the recipe's intensity units, with its own affine from ``affines``
+        (a reconstruction goes where its input's cube was) or, by default, the run's generated geometry."""
         if not np.isfinite(volumes).all():
             raise HaganError(f"{display_path(out_dir)}: refusing to write volumes that hold NaN or Inf")
+        if affines is None:
+            affines = [self.affine] * len(volumes)
+        elif len(affines) != len(volumes):
+            raise HaganError(f"save: {len(affines)} affines for {len(volumes)} volumes; give one per volume")
         out = Path(out_dir)
         recipe = self.geometry.get("recipe", "")
         return [
-            write_volume(out / f"{prefix}_{i:04d}.nii.gz", to_output_intensity(v, recipe), self.affine)
-            for i, v in enumerate(volumes)
+            write_volume(out / f"{prefix}_{i:04d}.nii.gz", to_output_intensity(v, recipe), affine)
+            for i, (v, affine) in enumerate(zip(volumes, affines))
         ]
 
     def save_label_maps(self, label_maps: np.ndarray, out_dir: str | os.PathLike, prefix: str = "sample") -> list[Path]:

@@ -37,8 +37,8 @@ class SyntheticVolumes(Dataset):
     ``"label"``: for a class-conditional run the class of the volume (``labels``: one class for all, one
     per volume, or by default the classes in turn, so that they are balanced); for a run that generates
     label maps (progressive GAN with label channels) the int64 label map (1, S, S, S). Absent otherwise.
-    ``"image_meta_dict"`` (and ``"label_meta_dict"`` for label maps): the affine of the run's training
-    geometry, the spatial shape and a name, as MONAI's loaders give them. With ``meta_tensors`` (MONAI
+    ``"image_meta_dict"`` (and ``"label_meta_dict"`` for label maps): the run's generated affine
+    (``Run.affine``), the spatial shape and a name, as MONAI's loaders give them. With ``meta_tensors`` (MONAI
     installed) images and label maps are ``monai.data.MetaTensor`` carrying the affine, so that MONAI's
     spatial transforms keep it up to date.
     ``transform``: a callable applied to each dictionary (e.g. a ``monai.transforms.Compose``).

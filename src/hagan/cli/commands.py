@@ -285,8 +285,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
           f"{display_path(montage)}")
 
 
-def read_for_run(run, paths: Sequence[str]) -> tuple[list[str], np.ndarray]:
-    """Read and preprocess volumes with the run's recipe and size, as its training data were."""
+def read_for_run(run, paths: Sequence[str]) -> tuple[list[str], np.ndarray, list[np.ndarray]]:
+    """Read and preprocess volumes with the run's recipe and size, as its training data were; with each
+    cube's affine, which places it over its input in world space."""
     import numpy as np
 
     from ..data.io import list_volume_paths, read_volume
@@ -296,7 +297,7 @@ def read_for_run(run, paths: Sequence[str]) -> tuple[list[str], np.ndarray]:
     for item in paths:
         p = Path(item)
         files.extend((list_volume_paths(p) if p.is_dir() else []) or [p])
-    names, arrays = [], []
+    names, arrays, affines = [], [], []
     for path in files:
         try:
             volume = preprocess_volume(
@@ -307,9 +308,10 @@ def read_for_run(run, paths: Sequence[str]) -> tuple[list[str], np.ndarray]:
             continue
         names.append(path.name)
         arrays.append(volume.array)
+        affines.append(volume.affine)
     if not arrays:
         raise HaganError("no usable volume among the inputs")
-    return names, np.stack(arrays)
+    return names, np.stack(arrays), affines
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
@@ -321,7 +323,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
     from ..data.io import atomic_write
 
     run = load_run(args.run, args.checkpoint, args.device, args.allow_pickle)
-    names, volumes = read_for_run(run, args.volumes)
+    names, volumes, _ = read_for_run(run, args.volumes)
     latents = run.encode(volumes)
     out = Path(args.out)
     with atomic_write(out) as tmp:
@@ -345,9 +347,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     from ..viz import three_plane_montage
 
     run = load_run(args.run, args.checkpoint, args.device, args.allow_pickle)
-    names, volumes = read_for_run(run, args.volumes)
+    names, volumes, affines = read_for_run(run, args.volumes)
     recon = run.reconstruct(volumes, labels=args.class_label)
-    run.save(recon, args.out, prefix="reconstruction")
+    run.save(recon, args.out, prefix="reconstruction", affines=affines)
     l1 = np.abs(recon - volumes).mean(axis=(1, 2, 3))
     pairs = [v for pair in zip(volumes[:8], recon[:8]) for v in pair]
     titles = [t for name in names[:8] for t in (printable(name), "reconstruction")]
@@ -583,8 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--allow-pickle", action="store_true",
                        help="accept a pickle weights file (.pt/.pth), loaded with weights_only; only from sources you trust")
 
-    p = add_command(sub, "generate", "Writes NIfTI volumes with the training data's geometry and units (CT in HU, "
-                    "MRI in [0, 1]) and montage.png.", "hagan generate runs/ixi --n 16 --out generated/ --seed 0")
+    p = add_command(sub, "generate", "Writes NIfTI volumes in the training data's units (CT in HU, MRI in [0, 1]) "
+                    "and the run's canonical geometry (RAS, centred on the origin, the training cubes' median voxel "
+                    "size), and montage.png.", "hagan generate runs/ixi --n 16 --out generated/ --seed 0")
     run_args(p)
     p.add_argument("--n", type=positive_int, default=8, help="volumes to generate")
     p.add_argument("--out", required=True, help="folder to write the volumes to")
@@ -611,8 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="latents.npy or latents.csv")
     p.set_defaults(func=cmd_encode)
 
-    p = add_command(sub, "reconstruct", "Writes each reconstruction as NIfTI, a montage of inputs beside their "
-                    "reconstructions, and prints each mean absolute error.",
+    p = add_command(sub, "reconstruct", "Writes each reconstruction as NIfTI over its input (the geometry of the input's "
+                    "preprocessed cube), a montage of inputs beside their reconstructions, and prints each mean "
+                    "absolute error.",
                     "hagan reconstruct runs/ixi /data/ixi/t1/IXI002-Guys-0828_T1.nii.gz --out recon/")
     run_args(p)
     p.add_argument("volumes", nargs="+", help="volume files or folders, read with the run's preprocessing")

@@ -68,7 +68,7 @@ def _manifest_problem(manifest: dict) -> str | None:
 def _entry_problem(entry: Any, num_classes: int) -> str | None:
     if not isinstance(entry, dict):
         return f"must be an object, got {short_repr(entry)}"
-    for key in ("name", "file", "label"):
+    for key in ("name", "file", "label", "affine"):
         if key not in entry:
             return f"lacks {key}"
     if not isinstance(entry["name"], str):
@@ -76,6 +76,9 @@ def _entry_problem(entry: Any, num_classes: int) -> str | None:
     label = entry["label"]
     if not is_int(label) or not -1 <= label < num_classes:
         return f"label must be an integer from -1 (unknown) to num_classes - 1 = {num_classes - 1}, got {short_repr(label)}"
+    affine = affine_problem(entry["affine"])
+    if affine:
+        return f"affine {affine}"
     for key in ("file", "segmentation"):
         if key in entry:
             problem = _relative_path_problem(entry[key])

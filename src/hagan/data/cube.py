@@ -122,6 +122,25 @@ def fit_to_cube(
     return _pad_or_crop(array, affine, size, background)
 
 
+def canonical_affine(spacing: Iterable[float], size: int) -> np.ndarray:
+    """The geometry generated ``size``^3 cubes are written with: cube axes (S, A, R) along world +z, +y, +x
+    (RAS mm), voxels of ``spacing`` (S, A, R) mm, no rotation, and the cube's centre at the world origin.
+    A generated volume is no one's scan, so it sits in one documented place rather than over a subject's."""
+    affine = np.zeros((4, 4))
+    affine[2, 0], affine[1, 1], affine[0, 2], affine[3, 3] = *(float(s) for s in spacing), 1.0
+    affine[:3, 3] = -affine[:3, :3] @ np.full(3, (size - 1) / 2)
+    return affine
+
+
+def generated_affine(manifest: dict) -> np.ndarray:
+    """``canonical_affine`` at the median voxel size of the cache's cubes, axis by axis: cubes of the
+    ``resize`` mode each have their own spacing, and the median depends neither on the order the files
+    were listed in nor much on one odd scan."""
+    affines = np.array([entry["affine"] for entry in manifest["entries"]], dtype=np.float64)
+    spacing = np.median(np.sqrt((affines[:, :3, :3] ** 2).sum(axis=1)), axis=0)
+    return canonical_affine(spacing, int(manifest["size"]))
+
+
 def fitted_span(shape: tuple[int, ...], spacing: Iterable[float], size: int, mode: str) -> tuple[int, ...]:
     """Cube voxels that ``fit_to_cube`` gives the volume along each axis (the rest is padding).
 

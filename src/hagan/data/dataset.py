@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hagan.data.cache import check_cube_file, load_manifest
+from hagan.data.cube import generated_affine
 from hagan.data.io import display_path
 from hagan.errors import HaganError
 
@@ -80,8 +81,9 @@ class CachedVolumeDataset(Dataset):
 
     @property
     def reference_affine(self) -> np.ndarray:
-        """The affine generated cubes are written with, so they overlay the training data."""
-        return np.asarray(self.manifest["reference_affine"], dtype=np.float64)
+        """The affine generated cubes are written with (``generated_affine``), computed from the entries so
+        that caches whose manifest holds their first volume's affine get the same canonical geometry."""
+        return generated_affine(self.manifest)
 
     @property
     def names(self) -> list[str]:

@@ -23,7 +23,15 @@ from tqdm import tqdm
 
 from hagan import __version__
 from hagan.data.cache import CACHE_FORMAT
-from hagan.data.cube import FIT_MODES, canonical_view, check_fit, fit_to_cube, nonblank_slices, trim_blank_slices
+from hagan.data.cube import (
+    FIT_MODES,
+    canonical_view,
+    check_fit,
+    fit_to_cube,
+    generated_affine,
+    nonblank_slices,
+    trim_blank_slices,
+)
 from hagan.data.intensity import RECIPES, apply_recipe
 from hagan.data.io import (
     Volume,
@@ -589,9 +597,9 @@ def _build_cache(
         "size": size,
         "mode": mode,
         "entries": entries,
-        "reference_affine": entries[0]["affine"],
         "num_classes": max_label + 1 if max_label >= 0 else 0,
     }
+    manifest["reference_affine"] = generated_affine(manifest).tolist()
     if label_maps is not None:
         # foreground label values 1..segmentation_labels; 0 is background
         manifest["segmentation_labels"] = report.segmentation_labels = largest_label

@@ -229,7 +229,7 @@ class Trainer:
     def geometry(self) -> dict[str, Any]:
         manifest = self.dataset.manifest
         return {
-            "reference_affine": manifest["reference_affine"],
+            "reference_affine": self.dataset.reference_affine.tolist(),
             "recipe": manifest["recipe"],
             "mode": manifest["mode"],
             "size": manifest["size"],

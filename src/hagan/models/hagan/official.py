@@ -35,12 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from ...checks import short_text
 from ...config import Config, build_config, save_yaml
+from ...data.cube import canonical_affine
 from ...data.io import display_path, write_json_atomic
 from ...errors import HaganError
 from ...training.checkpoint import check_finite, save_checkpoint
@@ -224,12 +224,8 @@ def guess_dataset(folder: Path) -> str:
 
 
 def reference_affine(dataset: Dataset) -> list[list[float]]:
-    """Voxel-to-world (RAS mm) for hagan's (S, A, R) cube axes, centred on the origin."""
-    s, a, r = dataset.spacing
-    affine = np.zeros((4, 4))
-    affine[2, 0], affine[1, 1], affine[0, 2], affine[3, 3] = s, a, r, 1.0
-    affine[:3, 3] = -affine[:3, :3] @ np.full(3, (SIZE - 1) / 2)
-    return affine.tolist()
+    """The canonical geometry of hagan's generated cubes (``canonical_affine``) at the dataset's spacing."""
+    return canonical_affine(dataset.spacing, SIZE).tolist()
 
 
 def import_config(latent_dim: int, num_classes: int, iteration: int) -> Config:
