@@ -39,7 +39,7 @@ for stage in ${STAGES:-bench train}; do
     round2)
       # training at 128^3 and 256^3, batch 4 and 2, fp32 and bf16: eager, torch.compile, torch.compile with
       # CUDA graphs (TORCHINDUCTOR_CUDAGRAPHS=1); paper-512 at batch 2 with and without
-      # train.recompute_activations; generation of 256^3 in batches of 8, untiled and tiled, and of 512^3 tiled
+      # hagan.recompute_activations; generation of 256^3 in batches of 8, untiled and tiled, and of 512^3 tiled
       bench="python3 benchmarks/gpu_performance.py --out $WORK/perf"
       timeout 140 $bench --variants fp32 bf16 --sizes 128 256 --batch-sizes 4 2 --iterations 8 --warmup 2
       elapsed "eager rows done"

@@ -2,7 +2,7 @@
 
 For each cube size, at initialisation and at full width: the mean |training slab - the same slab of the full
 volume| over every start r (in [-1, 1] units; real heads differ by about 0.12), for the paper's G^H (GroupNorm
-over the slab, zero padding at the slab's ends), for ``model.consistent_slabs`` (voxel-local norm, a halo of
+over the slab, zero padding at the slab's ends), for ``hagan.consistent_slabs`` (voxel-local norm, a halo of
 feature slices, cropped) and for small-data-128's G^H (consistent, trilinear upsampling: a halo of 2). Then the peak tensor memory of one whole training iteration (D, G, E^H and E^G steps,
 batch 4) of each, counted by a dispatch mode, so the figure is the same on any machine.
 

@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=1, help="measured iterations after the warm-up")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON",
-                        help="a config override, e.g. --set loss.r1_gamma=1.0")
+                        help="a config override, e.g. --set hagan.r1_gamma=1.0")
     args = parser.parse_args()
     overrides = []
     for item in args.set:

@@ -153,9 +153,9 @@ def protocol_config(name: str, seed: int, args: argparse.Namespace, cache: Path)
         *[parse_assignment(text) for text in args.set or []],
     ]
     config = build_config(preset, None, overrides)
-    tracked = config.train.ema_kimg == 0
+    tracked = config.hagan.ema_kimg == 0
     if tracked:
-        config.train.ema_kimg = TRACKED_EMA_KIMG
+        config.hagan.ema_kimg = TRACKED_EMA_KIMG
     return config, tracked
 
 

@@ -402,8 +402,8 @@ def test_cli_trains_its_own_run_on_phantoms(tmp_path):
     parser = argparse.ArgumentParser()
     cli.add_parser(parser.add_subparsers(dest="command"))
     common = ["--data", "phantoms", "--n", "24", "--device", "cpu", "--iterations", "60",
-              "--set", "model.width=0.125", "--set", "model.latent_dim=32", "--set", "loss.diffaug=''",
-              "--set", "data.augment=false", "--set", "loss.r1_gamma=0.0", "--out", str(tmp_path / "walk")]
+              "--set", "model.width=0.125", "--set", "model.latent_dim=32", "--set", "hagan.diffaug=''",
+              "--set", "data.augment=false", "--set", "hagan.r1_gamma=0.0", "--out", str(tmp_path / "walk")]
     args = parser.parse_args(["experiment", "latent-walk", *common, "--steps", "3", "--references", "1"])
     args.func(args)
     results = json.loads((tmp_path / "walk" / "results.json").read_text())

@@ -254,7 +254,7 @@ def test_presets_set_kwon_et_al_settings():
     c = build_config("alpha-gan-128")
     assert (c.model.name, c.model.size, c.model.latent_dim) == ("alpha-gan", 128, 1000)
     assert (c.optim.lr_g, c.optim.lr_d, c.optim.lr_e, c.optim.beta1, c.optim.beta2) == (2e-4, 2e-4, 2e-4, 0.9, 0.999)
-    assert c.baseline.lambda_recon == 10.0 and c.loss.gp_lambda == 10.0
+    assert c.baseline.lambda_recon == 10.0 and c.baseline.gp_lambda == 10.0
     assert build_config("wgan-gp-64").baseline.generator_steps == 5
     v = build_config("vae-gan-64")
     assert v.optim.lr_g == 1e-4 and v.baseline.critic_norm == "batch"

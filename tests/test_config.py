@@ -11,8 +11,8 @@ def test_defaults_are_the_papers_settings():
     assert (c.model.size, c.model.latent_dim, c.optim.batch_size) == (256, 1024, 4)
     assert (c.optim.lr_g, c.optim.lr_e, c.optim.lr_d) == (1e-4, 1e-4, 4e-4)
     assert (c.optim.beta1, c.optim.beta2) == (0.0, 0.999)
-    assert (c.loss.kind, c.loss.lambda_recon_slab, c.loss.lambda_recon_global, c.loss.lambda_class) == ("bce", 5.0, 5.0, 0.1)
-    assert c.loss.diffaug == "" and c.loss.r1_gamma == 0 and not c.data.augment
+    assert (c.hagan.loss, c.hagan.lambda_recon_slab, c.hagan.lambda_recon_global, c.hagan.lambda_class) == ("bce", 5.0, 5.0, 0.1)
+    assert c.hagan.diffaug == "" and c.hagan.r1_gamma == 0 and not c.data.augment
     assert build_config("paper-128").model.size == 128
 
 
@@ -24,8 +24,8 @@ def test_every_preset_is_valid():
 def test_later_sources_override_earlier(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  size: 64\ntrain:\n  iterations: 10\n")
-    c = build_config("paper-256", path, [parse_assignment("train.iterations=7"), parse_assignment("loss.r1_gamma=2")])
-    assert (c.model.size, c.train.iterations, c.loss.r1_gamma) == (64, 7, 2.0)
+    c = build_config("paper-256", path, [parse_assignment("train.iterations=7"), parse_assignment("hagan.r1_gamma=2")])
+    assert (c.model.size, c.train.iterations, c.hagan.r1_gamma) == (64, 7, 2.0)
 
 
 def test_exponents_without_a_dot_are_floats(tmp_path):
@@ -51,8 +51,8 @@ def test_yaml_round_trip(tmp_path):
         ({"model": {"size": "64"}}, "model.size must be int"),
         ({"model": {"size": 96}}, "power of two"),
         ({"optim": {"batch_size": 0}}, "optim.batch_size must be at least 1"),
-        ({"loss": {"kind": "hinge"}}, "loss.kind"),
-        ({"model": {"encoder": 1}}, "model.encoder must be bool"),
+        ({"loss": {"kind": "hinge"}}, "hagan.loss"),
+        ({"model": {"encoder": 1}}, "hagan.encoder must be bool"),
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(values, message):

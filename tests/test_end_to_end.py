@@ -128,7 +128,7 @@ def test_trains_briefly_on_real_ixi_volumes(tmp_path):
     run = tmp_path / "run"
     assert main(["train", "--data", str(tmp_path / "cache"), "--out", str(run), "--size", "64", "--iterations", "20",
                  "--set", "model.width=0.25", "--set", "model.latent_dim=128", "--set", "data.augment=true",
-                 "--set", "loss.diffaug=translation,cutout", "--set", "loss.r1_gamma=1.0"]) == 0
+                 "--set", "hagan.diffaug=translation,cutout", "--set", "hagan.r1_gamma=1.0"]) == 0
     volumes = load_run(run).generate(2, seed=0)
     assert volumes.shape == (2, 64, 64, 64) and np.isfinite(volumes).all()
 

@@ -19,9 +19,10 @@ from safetensors.torch import load_file, save_file
 from hagan.api import load_run
 from hagan.checks import short_repr
 from hagan.cli.commands import build_parser, main
-from hagan.config import MODEL_PRESETS, Config, build_config, parse_assignment
+from hagan.config import CORE_SECTIONS, MODEL_PRESETS, Config, build_config, parse_assignment
 from hagan.data.dataset import CachedVolumeDataset
 from hagan.errors import HaganError
+from hagan.models import SECTIONS, model_spec
 from hagan.models.hagan.model import HAGAN
 from hagan.training.trainer import Trainer, train
 
@@ -83,15 +84,15 @@ def bomb(levels: int, indent: str = "") -> str:
 # keys where 0 is a meaningful setting (a term or feature switched off, or "automatic"); every other
 # numeric key must refuse 0
 ZERO_MEANS = {
-    "model.num_classes": "unconditional", "loss.lambda_recon_slab": "no slab reconstruction",
-    "loss.lambda_recon_global": "no global reconstruction", "loss.lambda_class": "no class loss",
-    "loss.r1_gamma": "no fixed R1", "loss.r1_per_voxel": "no per-voxel R1", "loss.gp_lambda": "no gradient penalty",
-    "loss.weight_high": "no high-resolution D loss", "loss.weight_low": "no low-resolution D loss",
-    "loss.lambda_recon_generator": "off", "loss.lambda_latent_prior": "off", "loss.diffaug_p": "no DiffAugment",
-    "loss.ada_target": "no ADA", "optim.beta1": "no momentum", "optim.beta2": "Adam's second moment of one step",
+    "model.num_classes": "unconditional", "hagan.lambda_recon_slab": "no slab reconstruction",
+    "hagan.lambda_recon_global": "no global reconstruction", "hagan.lambda_class": "no class loss",
+    "hagan.r1_gamma": "no fixed R1", "hagan.r1_per_voxel": "no per-voxel R1", "hagan.gp_lambda": "no gradient penalty",
+    "hagan.weight_high": "no high-resolution D loss", "hagan.weight_low": "no low-resolution D loss",
+    "hagan.lambda_recon_generator": "off", "hagan.lambda_latent_prior": "off", "hagan.diffaug_p": "no DiffAugment",
+    "hagan.ada_target": "no ADA", "optim.beta1": "no momentum", "optim.beta2": "Adam's second moment of one step",
     "data.workers": "load in the training process", "train.seed": "seed 0", "train.max_minutes": "no time limit",
     "train.eval_every": "no periodic KID", "train.max_rollbacks": "stop at the first divergence",
-    "train.ema_kimg": "no EMA", "train.ema_rampup": "no ramp-up", "patch.overlap": "no overlap",
+    "hagan.ema_kimg": "no EMA", "hagan.ema_rampup": "no ramp-up", "patch.overlap": "no overlap",
     "patch.iterations_per_stage": "split train.iterations evenly", "patch.dropout": "no dropout",
     "patch.lambda_l1": "no L1 term",
     "patch.sketch_sigma": "no smoothing", "patch.sketch_low": "every edge", "patch.sketch_noise": "off",
@@ -100,6 +101,7 @@ ZERO_MEANS = {
     "progressive.final_images": "no final phase", "progressive.segmentation_labels": "images only",
     "progressive.encoder_recon_weight": "latent regression only", "baseline.lambda_recon": "off",
     "baseline.vae_recon_generator": "off", "baseline.vae_recon_encoder": "off",
+    "progressive.gp_lambda": "no gradient penalty", "baseline.gp_lambda": "no gradient penalty",
 }
 # keys where a negative value is meaningful
 NEGATIVE_MEANS = {"data.workers": {-1: "automatic"}, "patch.overlap": {-1: "the papers' overlap"}}
@@ -113,18 +115,22 @@ VALUES = ["-1", "-0.5", "0", ".nan", "nan", ".inf", "-.inf", "1e999"]
 
 
 def test_the_numeric_keys_are_all_there():
-    assert len(NUMERIC_KEYS) == 74 and "loss.lambda_recon_slab" in NUMERIC_KEYS and "baseline.critic_steps" in NUMERIC_KEYS
+    assert len(NUMERIC_KEYS) == 76 and "hagan.lambda_recon_slab" in NUMERIC_KEYS and "baseline.critic_steps" in NUMERIC_KEYS
     assert set(ZERO_MEANS) | set(NEGATIVE_MEANS) | set(ZERO_CONFLICTS) <= set(NUMERIC_KEYS)
 
 
 @pytest.mark.parametrize("key", NUMERIC_KEYS)
 def test_every_numeric_key_refuses_bad_values_naming_the_key(key):
-    """Through ``--set`` (parse_assignment), on every model's base: refused naming the key, or allowed."""
+    """Through ``--set`` (parse_assignment), on every model's base: refused naming the key, or allowed
+    (only in the core sections and the base model's own section: another model's option is refused)."""
     section, field = key.split(".")
     for base in MODEL_BASES:
+        owns = section in CORE_SECTIONS or section == model_spec(build_config(base).model.name).section
         for text in VALUES:
             value = yaml.safe_load(text) if text != "nan" else float("nan")
-            allowed = (value == 0 and key in ZERO_MEANS) or (value in NEGATIVE_MEANS.get(key, {}))
+            meaningful = (value == 0 and key in ZERO_MEANS) or (value in NEGATIVE_MEANS.get(key, {}))
+            # another model's option at its default changes nothing (older runs' files list every section)
+            allowed = meaningful and (owns or value == getattr(SECTIONS[section](), field))
             try:
                 build_config(base, None, [parse_assignment(f"{key}={text}")])
             except HaganError as err:
@@ -194,7 +200,7 @@ def test_an_expanded_bomb_is_echoed_in_bounded_time_and_length():
     ("model:\n  size: " + "[" * 20_000 + "]" * 20_000 + "\n", "not usable YAML (nested too deeply)"),
     ("model:\n  size: " + "7" * 5000 + "\n", "not usable YAML (Exceeds the limit (4300 digits)"),
     (b"model:\n  name: \xff\xfe\n", "not a YAML config (not UTF-8 text at byte 15)"),
-    ("loss:\n  kind: '" + "x" * 100_000 + "'\n", "loss.kind must be 'bce' or 'wgan-gp', got 'xxxx"),
+    ("loss:\n  kind: '" + "x" * 100_000 + "'\n", "hagan.loss must be one of bce, wgan-gp, got 'xxxx"),
     ("model:\n  size: '" + "x" * 100_000 + "'\n", "model.size must be int, got 'xxxxxxxx"),
     ("model:\n  size: 32\n  name: [a\n", "not valid YAML (while parsing a flow sequence"),
     ("'" + "k" * 1000 + "': 1\n", "unknown section 'kkkkkkkk"),  # YAML's longest implicit key

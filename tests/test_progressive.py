@@ -92,9 +92,9 @@ def test_schedule_from_images_and_start_size():
 
 def test_config_problems_and_refusals():
     with pytest.raises(HaganError, match="progressive.dims must be 2 or 3.*start_size must be a power of two"):
-        build_config(None, None, [{"progressive": {"dims": 4, "start_size": 6}}])
+        build_config(None, None, [{"model": {"name": "progressive"}, "progressive": {"dims": 4, "start_size": 6}}])
     with pytest.raises(HaganError, match="max_channels"):
-        build_config(None, None, [{"progressive": {"max_channels": 2, "min_channels": 4}}])
+        build_config(None, None, [{"model": {"name": "progressive"}, "progressive": {"max_channels": 2, "min_channels": 4}}])
     with pytest.raises(HaganError, match="unconditional"):
         ProgressiveGAN(build_config(None, None, [{"model": {"name": "progressive", "size": 32, "num_classes": 2}}]))
     with pytest.raises(HaganError, match="start_size 64 is larger than model.size 32"):

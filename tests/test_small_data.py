@@ -255,15 +255,15 @@ def test_prior_term_pulls_encoded_codes_towards_the_prior():
 
 # ----- configuration ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sections, message", [
-    ({"loss": {"disc_losses": "sum"}}, "loss.disc_losses"),
+    ({"loss": {"disc_losses": "sum"}}, "hagan.disc_losses"),
     ({"loss": {"r1_gamma": 1.0, "r1_per_voxel": 0.0002}}, "not both"),
-    ({"loss": {"r1_every": 0}}, "loss.r1_every"),
-    ({"loss": {"weight_low": -1.0}}, "loss.weight_low must not be negative"),
-    ({"loss": {"lambda_recon_generator": 1.0}, "model": {"encoder": False}}, "need model.encoder"),
-    ({"train": {"ema_kimg": -1.0}}, "train.ema_kimg"),
-    ({"model": {"upsample": "cubic"}}, "model.upsample must be"),
-    ({"model": {"upsample": "trilinear"}}, "needs model.consistent_slabs"),
-    ({"model": {"name": "wgan-gp"}, "train": {"ema_kimg": 1.0}}, "train.ema_kimg is an HA-GAN option"),
+    ({"loss": {"r1_every": 0}}, "hagan.r1_every"),
+    ({"loss": {"weight_low": -1.0}}, "hagan.weight_low must not be negative"),
+    ({"loss": {"lambda_recon_generator": 1.0}, "model": {"encoder": False}}, "need hagan.encoder"),
+    ({"train": {"ema_kimg": -1.0}}, "hagan.ema_kimg"),
+    ({"model": {"upsample": "cubic"}}, "hagan.upsample must be"),
+    ({"model": {"upsample": "trilinear"}}, "needs hagan.consistent_slabs"),
+    ({"model": {"name": "wgan-gp"}, "train": {"ema_kimg": 1.0}}, "hagan.ema_kimg is an option of hagan; model .wgan-gp. does not use it"),
 ])
 def test_bad_small_data_options_are_refused(sections, message):
     with pytest.raises(HaganError, match=message):
@@ -274,18 +274,18 @@ def test_bad_small_data_options_are_refused(sections, message):
 def test_paper_presets_keep_the_papers_training_and_small_data_turns_the_fixes_on():
     for name in ("paper-128", "paper-256", "paper-512"):
         c = build_config(name)
-        assert (c.model.consistent_slabs, c.model.upsample, c.loss.kind, c.loss.disc_losses) == (
+        assert (c.hagan.consistent_slabs, c.hagan.upsample, c.hagan.loss, c.hagan.disc_losses) == (
             False, "nearest", "bce", "averaged")
-        assert (c.loss.lambda_recon_generator, c.loss.lambda_latent_prior, c.train.ema_kimg) == (0, 0, 0)
+        assert (c.hagan.lambda_recon_generator, c.hagan.lambda_latent_prior, c.hagan.ema_kimg) == (0, 0, 0)
     for name in ("small-data-128", "demo"):
         c = build_config(name)
-        assert c.model.consistent_slabs and c.model.upsample == "trilinear" and c.loss.disc_losses == "separate"
-        assert c.loss.lambda_recon_generator > 0 and c.loss.lambda_latent_prior > 0 and c.train.ema_kimg > 0
+        assert c.hagan.consistent_slabs and c.hagan.upsample == "trilinear" and c.hagan.disc_losses == "separate"
+        assert c.hagan.lambda_recon_generator > 0 and c.hagan.lambda_latent_prior > 0 and c.hagan.ema_kimg > 0
     assert build_config("demo").model.size == 32 and build_config("small-data-128").model.size == 128
 
 
 def test_small_data_preset_trains_and_samples_from_its_average():
-    model = tiny_model(**{k: v for k, v in build_config("demo").to_dict().items() if k in ("loss", "optim", "train")},
+    model = tiny_model(**{k: v for k, v in build_config("demo").to_dict().items() if k in ("hagan", "optim", "train")},
                        model={"consistent_slabs": True, "upsample": "trilinear"})
     rng = torch.Generator().manual_seed(0)
     before = params(model.ema)

@@ -38,7 +38,7 @@ def test_the_counter_sees_a_read_back():
 
 
 def test_recomputing_high_res_activations_gives_the_same_step_in_less_memory():
-    """train.recompute_activations (paper-512's setting) changes memory only: the same weights after a
+    """hagan.recompute_activations (paper-512's setting) changes memory only: the same weights after a
     step, bitwise on CPU, and a lower peak."""
     import torch
 

@@ -98,7 +98,7 @@ def test_size_overrides_a_presets_size():
 
     args = build_parser().parse_args(["train", "--data", "c", "--out", "r", "--preset", "small-data-128", "--size", "32"])
     config = build_config(training_preset(args), None, training_overrides(args))
-    assert config.model.size == 32 and config.model.upsample == "trilinear"  # the preset's other values stay
+    assert config.model.size == 32 and config.hagan.upsample == "trilinear"  # the preset's other values stay
 
 
 def test_unknown_preset_names_close_ones_without_the_usage_block(cache, tmp_path, capsys):

@@ -92,7 +92,7 @@ class Run:
             self.model.tile_depth = tile_depth
         has_ema = self.model.keeps_moving_average
         if sample_from == "ema" and not has_ema:
-            raise HaganError(f"{self.run_dir}: this run keeps no averaged generator (train.ema_kimg is 0); "
+            raise HaganError(f"{self.run_dir}: this run keeps no averaged generator (hagan.ema_kimg is 0); "
                              "use the raw weights")
         self.uses_ema = has_ema and sample_from != "raw"
         if has_ema:
@@ -269,7 +269,7 @@ def load_run(
     for the reference numbers, ``bf16`` for speed on GPUs); ``tile_depth`` > 0 runs the high-resolution
     generator over depth tiles of that many feature slices, which gives the same volume in far less memory.
     ``sample_from`` picks the generator: by default the exponential moving average of its weights when the run
-    kept one (``train.ema_kimg``), which is what a GAN is sampled from, else the trained weights; ``"raw"``
+    kept one (``hagan.ema_kimg``), which is what a GAN is sampled from, else the trained weights; ``"raw"``
     the trained weights, ``"ema"`` the average or an error.
     """
     return Run(run_dir, checkpoint, device, allow_pickle, precision, tile_depth, sample_from)

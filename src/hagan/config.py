@@ -15,9 +15,7 @@ import yaml
 from .checks import short_repr, short_text
 from .data.io import display_path, write_text_atomic
 from .errors import HaganError
-from .models.baselines import section as baseline_section
-from .models.patch import section as patch_section
-from .models.progressive import section as progressive_section
+from .models import MODELS, PRESETS, SECTIONS, model_spec
 from .training.accel import PRECISIONS
 
 
@@ -28,33 +26,6 @@ class ModelConfig:
     latent_dim: int = 1024
     width: float = 1.0
     num_classes: int = 0
-    low_res_branch: bool = True
-    encoder: bool = True
-    r_sampling: str = "random"
-    minibatch_std: bool = False
-    consistent_slabs: bool = False
-    upsample: str = "nearest"
-
-
-@dataclass
-class LossConfig:
-    kind: str = "bce"
-    lambda_recon_slab: float = 5.0
-    lambda_recon_global: float = 5.0
-    lambda_class: float = 0.1
-    r1_gamma: float = 0.0
-    r1_per_voxel: float = 0.0
-    r1_every: int = 1
-    gp_lambda: float = 10.0
-    disc_losses: str = "averaged"
-    weight_high: float = 1.0
-    weight_low: float = 1.0
-    lambda_recon_generator: float = 0.0
-    lambda_latent_prior: float = 0.0
-    diffaug: str = ""
-    diffaug_p: float = 1.0
-    ada_target: float = 0.0
-    ada_kimg: float = 100.0
 
 
 @dataclass
@@ -94,26 +65,24 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool = False
     compile: bool = False
-    # recompute the generators' upsampled activations (G^A, G^H) in the backward pass instead of keeping
-    # them: the same gradients in less memory, for one more generator forward per update
-    recompute_activations: bool = False
-    ema_kimg: float = 0.0
-    ema_rampup: float = 0.05
+
+
+# the sections every model reads; each model's own options are a section of their own (hagan.models)
+CORE_SECTIONS = ("model", "optim", "data", "train")
 
 
 @dataclass
-class Config:
+class CoreConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    patch: patch_section.PatchConfig = field(default_factory=patch_section.PatchConfig)
-    progressive: progressive_section.ProgressiveConfig = field(default_factory=progressive_section.ProgressiveConfig)
-    baseline: baseline_section.BaselineConfig = field(default_factory=baseline_section.BaselineConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The core sections and the trained model's own: what a run's config.yaml holds."""
+        own = model_spec(self.model.name).section
+        return {name: values for name, values in dataclasses.asdict(self).items()
+                if name in CORE_SECTIONS or name == own}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "Config":
@@ -124,50 +93,60 @@ class Config:
         return config
 
 
-# what works on 100-150 volumes (docs/small-data.md): G^H trained exactly as it is sampled, WGAN-GP with a
-# loss per discriminator, G also trained to reconstruct real volumes from the encoders' codes (with the codes
-# held on the prior), trilinear upsampling, and samples from an exponential moving average of G
-SMALL_DATA = {
-    "model": {"consistent_slabs": True, "upsample": "trilinear"},
-    "loss": {"kind": "wgan-gp", "disc_losses": "separate", "lambda_recon_generator": 5.0, "lambda_latent_prior": 1.0},
-    "optim": {"lr_g": 2e-4, "lr_e": 2e-4},
-    "train": {"ema_kimg": 1.0},
+# the run configuration: the core sections, then one section per model of the registry (``config.hagan``,
+# ``config.patch``, ...), so that a new model adds its options without a change here
+Config = dataclasses.make_dataclass(
+    "Config",
+    [(name, options, field(default_factory=options)) for name, options in SECTIONS.items()],
+    bases=(CoreConfig,),
+)
+Config.__module__ = __name__
+Config.__doc__ = "One run's configuration: core sections and every model's section (only its own is used)."
+
+# keys that moved from the core sections to HA-GAN's own; older config files and runs still load
+LEGACY_HAGAN_KEYS = {
+    **{f"model.{key}": key for key in ("low_res_branch", "encoder", "r_sampling", "minibatch_std",
+                                         "consistent_slabs", "upsample")},
+    **{f"loss.{key}": key for key in ("lambda_recon_slab", "lambda_recon_global", "lambda_class", "r1_gamma",
+                                        "r1_per_voxel", "r1_every", "disc_losses", "weight_high", "weight_low",
+                                        "lambda_recon_generator", "lambda_latent_prior", "diffaug", "diffaug_p",
+                                        "ada_target", "ada_kimg")},
+    "loss.kind": "loss",
+    **{f"train.{key}": key for key in ("ema_kimg", "ema_rampup", "recompute_activations")},
 }
 
 
-def with_sections(base: dict[str, Any], **sections: dict[str, Any]) -> dict[str, Any]:
-    """A preset built on another: each named section is merged key by key, not replaced."""
-    merged = copy.deepcopy(base)
-    for name, values in sections.items():
-        merged[name] = {**merged.get(name, {}), **values}
-    return merged
+def modern_layout(values: Any, model_name: str) -> Any:
+    """``values`` with the keys of the former layout in their sections of today: HA-GAN's options in
+    ``hagan``, and ``loss.gp_lambda`` in the section of ``model_name``, the model it configures."""
+    if not isinstance(values, dict) or not any(isinstance(values.get(s), dict) for s in ("model", "loss", "train")):
+        return values
+    moved = {name: dict(section) if isinstance(section, dict) else section for name, section in values.items()}
+    loss = moved.pop("loss", None)
+    if loss is not None and not isinstance(loss, dict):
+        moved["loss"] = loss  # reported as an unknown section
+        return moved
+    for section in ("model", "train"):
+        if isinstance(moved.get(section), dict):
+            for key in [k for k in moved[section] if f"{section}.{k}" in LEGACY_HAGAN_KEYS]:
+                moved.setdefault("hagan", {})[LEGACY_HAGAN_KEYS[f"{section}.{key}"]] = moved[section].pop(key)
+    for key, value in (loss or {}).items():
+        if key == "gp_lambda" and model_name in MODELS and "gp_lambda" in _option_names(model_name):
+            moved.setdefault(model_spec(model_name).section, {})["gp_lambda"] = value
+        elif f"loss.{key}" in LEGACY_HAGAN_KEYS:
+            moved.setdefault("hagan", {})[LEGACY_HAGAN_KEYS[f"loss.{key}"]] = value
+        else:
+            moved.setdefault("loss", {})[key] = value  # reported as an unknown section
+    return moved
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper-256": {"model": {"size": 256}},
-    "paper-128": {"model": {"size": 128}},
-    "paper-512": {"model": {"size": 512}, "optim": {"batch_size": 2}, "train": {"recompute_activations": True}},
-    "small-data-128": with_sections(SMALL_DATA, model={"size": 128}),
-    "demo": with_sections(
-        SMALL_DATA,
-        model={"size": 32, "latent_dim": 128, "width": 0.25},
-        train={"iterations": 600, "log_every": 10, "sample_every": 200, "checkpoint_every": 200},
-    ),
-    **patch_section.PRESETS,
-    **progressive_section.PRESETS,
-    **baseline_section.PRESETS,
-}
+def _option_names(model_name: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(model_spec(model_name).options)}
 
 
-# the preset a model trains with when `hagan train --model NAME` names no preset and no YAML file: the
-# core optim section's defaults are HA-GAN's, wrong for a model whose paper fixes other rates and betas
-MODEL_PRESETS = {
-    "patch": "patch-128",
-    "progressive": "progressive-128",
-    "wgan-gp": "wgan-gp-128",
-    "alpha-gan": "alpha-gan-128",
-    "vae-gan": "vae-gan-128",
-}
+# what `hagan train --model NAME` starts from when it names no preset and no YAML file: the core optim
+# section's defaults are HA-GAN's, wrong for a model whose paper fixes other rates and betas
+MODEL_PRESETS = {name: spec.default_preset for name, spec in MODELS.items() if spec.default_preset}
 
 
 def preset(name: str) -> dict[str, Any]:
@@ -176,9 +155,13 @@ def preset(name: str) -> dict[str, Any]:
     return copy.deepcopy(PRESETS[name])
 
 
-def merge_into(config: Config, values: dict[str, Any], source: str) -> None:
+def merge_into(config: Config, values: dict[str, Any], source: str, model_name: str | None = None) -> None:
+    """Set each ``section.key`` of ``values`` on ``config``; ``model_name`` (default: the one ``values`` or
+    ``config`` names) places the former layout's shared keys (see ``modern_layout``)."""
     if not isinstance(values, dict):
         raise HaganError(f"{source}: expected a mapping of sections, got {type(values).__name__}")
+    named = values.get("model", {}).get("name") if isinstance(values.get("model"), dict) else None
+    values = modern_layout(values, model_name or named or config.model.name)
     names = [f.name for f in dataclasses.fields(config)]
     for section_name, section_values in values.items():
         if section_name not in names:
@@ -261,17 +244,14 @@ def parse_assignment(text: str) -> dict[str, Any]:
     return {section: {key: value}}
 
 
-# the numeric keys of the core sections and the values they take; the sections of the other models
-# check their own (``problems()``), and every float key of every section must be finite
+# the numeric keys of the core sections and the values they take; each model's section checks its own
+# (``problems()``), and every float key of every section must be finite
 AT_LEAST_ONE = ("model.latent_dim", "optim.batch_size", "train.iterations", "train.log_every", "train.sample_every",
-                "train.checkpoint_every", "train.keep_checkpoints", "loss.r1_every")
-POSITIVE = ("model.width", "optim.lr_g", "optim.lr_d", "optim.lr_e", "loss.ada_kimg")
-# 0 switches a term or a feature off (a loss weight, R1, EMA, the time limit, periodic KID, rollbacks)
-NOT_NEGATIVE = ("model.num_classes", "loss.lambda_recon_slab", "loss.lambda_recon_global", "loss.lambda_class",
-                "loss.gp_lambda", "loss.weight_high", "loss.weight_low", "loss.r1_gamma", "loss.r1_per_voxel",
-                "loss.lambda_recon_generator", "loss.lambda_latent_prior", "train.seed", "train.max_minutes",
-                "train.eval_every", "train.max_rollbacks", "train.ema_kimg", "train.ema_rampup")
-BELOW_ONE = ("optim.beta1", "optim.beta2", "loss.ada_target")  # in [0, 1)
+                "train.checkpoint_every", "train.keep_checkpoints")
+POSITIVE = ("model.width", "optim.lr_g", "optim.lr_d", "optim.lr_e")
+# 0 switches a feature off (the time limit, periodic KID, rollbacks)
+NOT_NEGATIVE = ("model.num_classes", "train.seed", "train.max_minutes", "train.eval_every", "train.max_rollbacks")
+BELOW_ONE = ("optim.beta1", "optim.beta2")  # in [0, 1)
 
 
 def range_problems(config: Config) -> list[str]:
@@ -295,18 +275,14 @@ def range_problems(config: Config) -> list[str]:
 
 
 def validate(config: Config, source: str = "config") -> None:
-    m, loss, t = config.model, config.loss, config.train
+    m, t = config.model, config.train
+    if m.name not in MODELS:
+        raise HaganError(f"{source}: model.name must be one of {', '.join(MODELS)}, got {short_repr(m.name)}")
     problems = range_problems(config)
     if m.size not in (32, 64, 128, 256, 512):
         problems.append(f"model.size must be a power of two from 32 to 512, got {m.size}")
-    if m.r_sampling not in ("random", "deterministic"):
-        problems.append(f"model.r_sampling must be 'random' or 'deterministic', got {short_repr(m.r_sampling)}")
-    if loss.kind not in ("bce", "wgan-gp"):
-        problems.append(f"loss.kind must be 'bce' or 'wgan-gp', got {short_repr(loss.kind)}")
     if t.eval_samples < 2:
         problems.append(f"train.eval_samples must be at least 2, got {t.eval_samples}")
-    if not 0 <= loss.diffaug_p <= 1:
-        problems.append(f"loss.diffaug_p must lie in [0, 1], got {loss.diffaug_p}")
     if t.on_divergence not in ("stop", "rollback"):
         problems.append(f"train.on_divergence must be 'stop' or 'rollback', got {short_repr(t.on_divergence)}")
     if not 0 < t.rollback_lr_factor < 1:
@@ -315,35 +291,24 @@ def validate(config: Config, source: str = "config") -> None:
         problems.append(f"train.precision must be one of {', '.join(PRECISIONS)}, got {short_repr(t.precision)}")
     if config.data.workers < -1:
         problems.append(f"data.workers must be -1 (auto), 0 (load in the training process) or more, got {config.data.workers}")
-    problems += hagan_problems(config)
-    for name in ("patch", "progressive", "baseline"):
-        problems += [f"{name}.{problem}" for problem in getattr(config, name).problems()]
+    own = model_spec(m.name).section
+    problems += [f"{own}.{problem}" for problem in getattr(config, own).problems()]
+    problems += foreign_options(config)
     if problems:
         raise HaganError(f"{source}: " + "; ".join(problems))
 
 
-def hagan_problems(config: Config) -> list[str]:
-    """The small-data options of HA-GAN: losses per discriminator, R1's scale, the encoders' terms, EMA."""
-    m, loss, t = config.model, config.loss, config.train
+def foreign_options(config: Config) -> list[str]:
+    """Options set in another model's section: that model's, so this one would silently ignore them."""
+    own = model_spec(config.model.name).section
     problems = []
-    if m.upsample not in ("nearest", "trilinear"):
-        problems.append(f"model.upsample must be 'nearest' or 'trilinear', got {short_repr(m.upsample)}")
-    if m.upsample == "trilinear" and not m.consistent_slabs:
-        problems.append("model.upsample: trilinear needs model.consistent_slabs: true (the paper's G^H is nearest only)")
-    if loss.disc_losses not in ("averaged", "separate"):
-        problems.append(f"loss.disc_losses must be 'averaged' or 'separate', got {short_repr(loss.disc_losses)}")
-    if loss.r1_gamma > 0 and loss.r1_per_voxel > 0:
-        problems.append("set loss.r1_gamma (a fixed gamma) or loss.r1_per_voxel (gamma from the voxels per batch), not both")
-    if (loss.lambda_recon_generator > 0 or loss.lambda_latent_prior > 0) and not m.encoder:
-        problems.append("loss.lambda_recon_generator and loss.lambda_latent_prior train through the encoders; "
-                        "they need model.encoder: true")
-    if m.name != "hagan":
-        hagan_only = [name for name, on in (
-            ("model.consistent_slabs", m.consistent_slabs), ("model.upsample", m.upsample != "nearest"),
-            ("loss.disc_losses", loss.disc_losses != "averaged"),
-            ("loss.r1_per_voxel", loss.r1_per_voxel > 0), ("loss.lambda_recon_generator", loss.lambda_recon_generator > 0),
-            ("loss.lambda_latent_prior", loss.lambda_latent_prior > 0), ("train.ema_kimg", t.ema_kimg > 0)) if on]
-        problems += [f"{name} is an HA-GAN option; model {short_repr(m.name)} does not use it" for name in hagan_only]
+    for name, options in SECTIONS.items():
+        if name == own:
+            continue
+        owners = ", ".join(spec.name for spec in MODELS.values() if spec.section == name)
+        section, default = getattr(config, name), options()
+        problems += [f"{name}.{f.name} is an option of {owners}; model {short_repr(config.model.name)} does not use it"
+                     for f in dataclasses.fields(section) if getattr(section, f.name) != getattr(default, f.name)]
     return problems
 
 
@@ -389,16 +354,20 @@ def build_config(
     """Defaults, then the preset, then the YAML file, then command-line overrides: later wins. A value
     out of range is reported with the sources it may have come from."""
     config = Config()
-    sources = []
+    layers = []
     if preset_name:
-        sources.append(f"preset {preset_name}")
-        merge_into(config, preset(preset_name), sources[-1])
+        layers.append((f"preset {preset_name}", preset(preset_name)))
     if yaml_path:
-        sources.append(display_path(yaml_path))
-        merge_into(config, load_yaml(yaml_path), sources[-1])
-    for override in overrides or []:
-        merge_into(config, override, "command line")
-    if overrides:
-        sources.append("command line")
+        layers.append((display_path(yaml_path), load_yaml(yaml_path)))
+    layers += [("command line", override) for override in overrides or []]
+    # the model the config ends up training: the former layout's shared keys go to its section
+    names = [values["model"]["name"] for _, values in layers
+             if isinstance(values.get("model"), dict) and "name" in values["model"]]
+    model_name = names[-1] if names and isinstance(names[-1], str) else None
+    sources = []
+    for source, values in layers:
+        merge_into(config, values, source, model_name)
+        if source not in sources:
+            sources.append(source)
     validate(config, " + ".join(sources) or "config")
     return config

@@ -23,7 +23,7 @@ from ..data.dataset import CachedVolumeDataset, infinite_loader
 from ..data.intensity import RECIPES
 from ..data.io import display_path, write_json_atomic, write_text_atomic
 from ..errors import HaganError
-from ..models import build_model
+from ..models import build_model, model_spec
 from ..models.base import DivergenceError
 from ..viz import label_display, montage_grid, montage_tensor, plot_curves, three_plane_montage
 from . import accel
@@ -316,10 +316,8 @@ class Trainer:
     def rollback(self, err: DivergenceError, snapshot: dict[str, Any] | None) -> int:
         """Stop with the divergence message, or return to the last good state with lower learning rates."""
         t = self.config.train
-        hint = ("; lower the learning rates, enable loss.r1_gamma / loss.diffaug, or set "
-                "train.on_divergence: rollback")
         if t.on_divergence != "rollback":
-            raise HaganError(err.describe() + hint)
+            raise HaganError(f"{err.describe()}; {model_spec(self.config.model.name).divergence_hint}")
         if self.rollbacks >= t.max_rollbacks:
             raise HaganError(
                 f"{err.describe()}; gave up after {self.rollbacks} rollback(s) (train.max_rollbacks = {t.max_rollbacks})"

@@ -281,7 +281,7 @@ class WGANGP(Baseline):
     def critic_step(self, real: Tensor, rng: torch.Generator, sample_rng: torch.Generator):
         with torch.no_grad(), self.autocast():
             fake = self.generator(self.train_latent(real.shape[0], rng))
-        out = wasserstein_critic_loss(self.score(self.critic), real, [fake], self.config.loss.gp_lambda, sample_rng)
+        out = wasserstein_critic_loss(self.score(self.critic), real, [fake], self.config.baseline.gp_lambda, sample_rng)
         return out.loss, {"D/wasserstein": out.distance, "loss/D_gp": out.penalty}
 
     def generator_step(self, real: Tensor, rng: torch.Generator, sample_rng: torch.Generator):
@@ -341,14 +341,14 @@ class AlphaGAN(Baseline):
             reconstructed = self.generator(self.encoder(real))
             generated = self.generator(self.train_latent(real.shape[0], rng))
         out = wasserstein_critic_loss(self.score(self.critic), real, [generated, reconstructed],
-                                      self.config.loss.gp_lambda, sample_rng)
+                                      self.config.baseline.gp_lambda, sample_rng)
         return out.loss, {"D/wasserstein": out.distance, "loss/D_gp": out.penalty}
 
     def code_critic_step(self, real: Tensor, rng: torch.Generator, sample_rng: torch.Generator):
         with torch.no_grad(), self.autocast():
             code = self.encoder(real).float()
         prior = self.train_latent(real.shape[0], rng)
-        out = wasserstein_critic_loss(self.score(self.code_critic), prior, [code], self.config.loss.gp_lambda, sample_rng)
+        out = wasserstein_critic_loss(self.score(self.code_critic), prior, [code], self.config.baseline.gp_lambda, sample_rng)
         return out.loss, {"C/wasserstein": out.distance, "loss/C_gp": out.penalty}
 
     @torch.no_grad()

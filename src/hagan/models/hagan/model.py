@@ -76,27 +76,27 @@ class HAGAN(GenerativeModel):
 
     def __init__(self, config: Config):
         super().__init__(config)
-        m = config.model
+        m, h = config.model, config.hagan
         self.size = m.size
         self.num_classes = m.num_classes
         self.feature_depth = m.size // LOW_RES_FACTOR
         self.slab_features = self.feature_depth // SLABS_PER_VOLUME
-        recompute = config.train.recompute_activations
-        self.common = CommonGenerator(m.size, m.latent_dim, m.num_classes, m.width, upsample=m.upsample,
+        recompute = config.hagan.recompute_activations
+        self.common = CommonGenerator(m.size, m.latent_dim, m.num_classes, m.width, upsample=h.upsample,
                                       recompute=recompute)
         features = self.common.out_channels
-        self.high_gen = HighResGenerator(features, m.width, norm="channel" if m.consistent_slabs else "group",
-                                         upsample=m.upsample, recompute=recompute)
-        self.high_disc = HighResDiscriminator(m.size, m.num_classes, m.width, m.minibatch_std)
-        self.low_gen = LowResGenerator(features, m.width) if m.low_res_branch else None
-        self.low_disc = LowResDiscriminator(m.size, m.num_classes, m.width, m.minibatch_std) if m.low_res_branch else None
-        self.slab_encoder = SlabEncoder(features, m.width) if m.encoder else None
-        self.global_encoder = GlobalEncoder(m.size, features, m.latent_dim, m.width) if m.encoder else None
-        self.ema = self._ema_copy() if config.train.ema_kimg > 0 else None
+        self.high_gen = HighResGenerator(features, m.width, norm="channel" if h.consistent_slabs else "group",
+                                         upsample=h.upsample, recompute=recompute)
+        self.high_disc = HighResDiscriminator(m.size, m.num_classes, m.width, h.minibatch_std)
+        self.low_gen = LowResGenerator(features, m.width) if h.low_res_branch else None
+        self.low_disc = LowResDiscriminator(m.size, m.num_classes, m.width, h.minibatch_std) if h.low_res_branch else None
+        self.slab_encoder = SlabEncoder(features, m.width) if h.encoder else None
+        self.global_encoder = GlobalEncoder(m.size, features, m.latent_dim, m.width) if h.encoder else None
+        self.ema = self._ema_copy() if config.hagan.ema_kimg > 0 else None
         self.sample_from_ema = True  # inference uses the averaged generator when there is one
         self.augment_strength = (
-            AdaptiveAugmentStrength(target=config.loss.ada_target, target_kimg=config.loss.ada_kimg)
-            if config.loss.diffaug and config.loss.ada_target > 0
+            AdaptiveAugmentStrength(target=config.hagan.ada_target, target_kimg=config.hagan.ada_kimg)
+            if config.hagan.diffaug and config.hagan.ada_target > 0
             else None
         )
         self._optimizers: dict[str, torch.optim.Optimizer] | None = None
@@ -115,7 +115,7 @@ class HAGAN(GenerativeModel):
 
     def sample_start(self, iteration: int, rng: torch.Generator) -> int:
         """One start r per batch, in feature slices, so the real slab and G^H's output line up exactly."""
-        if self.config.model.r_sampling == "deterministic":
+        if self.config.hagan.r_sampling == "deterministic":
             return (iteration % SLABS_PER_VOLUME) * self.slab_features
         return int(torch.randint(0, self.max_start + 1, (1,), generator=rng))
 
@@ -153,11 +153,11 @@ class HAGAN(GenerativeModel):
     def generate_parts(self, z: Tensor, start: int, onehot: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Training-time generator: the slab at ``start`` and the whole low-resolution image.
 
-        With ``model.consistent_slabs`` the slab is the one full generation gives (G^H over A's slab plus a
+        With ``hagan.consistent_slabs`` the slab is the one full generation gives (G^H over A's slab plus a
         halo, cropped); otherwise G^H runs on A's slab alone, as the paper and the authors' code.
         """
         features = self.common(z, onehot)
-        if self.config.model.consistent_slabs:
+        if self.config.hagan.consistent_slabs:
             slab = self.high_gen.depth_range(features, start, self.slab_features)
         else:
             slab = self.high_gen(features[:, :, start : start + self.slab_features])
@@ -169,10 +169,10 @@ class HAGAN(GenerativeModel):
     ) -> list[tuple[Tensor, Tensor | None, float]]:
         """(adversarial logit, class logits, weight) for each term of the adversarial loss.
 
-        ``loss.disc_losses: averaged`` gives one term, the D^H and D^L logits averaged as the authors' code
+        ``hagan.disc_losses: averaged`` gives one term, the D^H and D^L logits averaged as the authors' code
         does; ``separate`` one term per discriminator, weighted, as the paper's eq. 4-5 write them.
         """
-        loss_cfg = self.config.loss
+        loss_cfg = self.config.hagan
         if loss_cfg.disc_losses != "separate" or self.low_disc is None or low is None:
             return [(*self.discriminate(slab, low, start_normalised), 1.0)]
         logit, cls = self.high_disc(slab, start_normalised)
@@ -189,10 +189,10 @@ class HAGAN(GenerativeModel):
         return logit, cls
 
     def augment(self, x: Tensor | None, rng: torch.Generator) -> Tensor | None:
-        policy = self.config.loss.diffaug
+        policy = self.config.hagan.diffaug
         if not policy or x is None:
             return x
-        p = self.augment_strength.p if self.augment_strength is not None else self.config.loss.diffaug_p
+        p = self.augment_strength.p if self.augment_strength is not None else self.config.hagan.diffaug_p
         return diff_augment(x, policy, generator=rng, probability=p)
 
     # ----- training ----------------------------------------------------------------------------
@@ -231,14 +231,14 @@ class HAGAN(GenerativeModel):
         """The authors' order: D step, G step, E^H step, E^G step, each updating only its own module;
         then the averaged generator follows G. The scalars stay on the device (the trainer reads them when
         it logs), so an iteration waits on the host only for its slab start and, every few, for ADA."""
-        loss_cfg = self.config.loss
+        loss_cfg = self.config.hagan
         real = batch["image"].to(self.device, memory_format=self.memory_format, non_blocking=True)
         onehot = self.onehot(batch["label"], check=False) if self.num_classes else None
         labels = batch["label"].to(self.device) if self.num_classes else None
         start = self.sample_start(iteration, rng)
         real_slab = self.real_slab(real, start)
         real_low = self.low_res(real) if self.low_gen is not None else None
-        aug_rng = self.step_generator(rng) if (loss_cfg.diffaug or loss_cfg.kind == "wgan-gp") else rng
+        aug_rng = self.step_generator(rng) if (loss_cfg.diffaug or loss_cfg.loss == "wgan-gp") else rng
         step = StepInputs(real, real_slab, real_low, start, self.normalised_start(start), onehot, labels, aug_rng)
 
         logs = self.discriminator_step(step, iteration, rng)
@@ -251,7 +251,7 @@ class HAGAN(GenerativeModel):
 
     def discriminator_step(self, step: "StepInputs", iteration: int, rng: torch.Generator) -> dict[str, Tensor | float]:
         """D^H and D^L: tell real slabs and images from generated ones, plus the penalties; G is frozen."""
-        loss_cfg = self.config.loss
+        loss_cfg = self.config.hagan
         self.train_only(self.high_disc, self.low_disc)
         logs: dict[str, Tensor | float] = {}
         with torch.no_grad(), self.autocast():
@@ -261,7 +261,7 @@ class HAGAN(GenerativeModel):
         with self.autocast():
             real_heads = self.head_logits(*aug_real, step.r)
             fake_heads = self.head_logits(*aug_fake, step.r)
-        d_loss = sum(w * discriminator_loss(loss_cfg.kind, real, fake)
+        d_loss = sum(w * discriminator_loss(loss_cfg.loss, real, fake)
                      for (real, _, w), (fake, _, _) in zip(real_heads, fake_heads))
         logs["loss/D_adv"] = d_loss.detach()
         d_loss = d_loss + self.penalties(aug_real, aug_fake, step, iteration, logs)
@@ -284,12 +284,12 @@ class HAGAN(GenerativeModel):
         iteration: int, logs: dict[str, Tensor | float],
     ) -> Tensor:
         """WGAN-GP and R1 on each adversarial term's own inputs, in float32 whatever the training precision."""
-        loss_cfg = self.config.loss
+        loss_cfg = self.config.hagan
         total = torch.zeros((), device=self.device)
         use_r1 = (loss_cfg.r1_gamma > 0 or loss_cfg.r1_per_voxel > 0) and iteration % loss_cfg.r1_every == 0
         for name, critic, inputs, weight, voxels in self.critics(aug_real, aug_fake, step.r):
             reals, fakes = inputs
-            if loss_cfg.kind == "wgan-gp":
+            if loss_cfg.loss == "wgan-gp":
                 gp = gradient_penalty(critic, reals, fakes, step.aug_rng)
                 total = total + weight * loss_cfg.gp_lambda * gp
                 logs[f"loss/D_gp{name}"] = gp.detach()
@@ -316,22 +316,22 @@ class HAGAN(GenerativeModel):
         slab_voxels, low_voxels = self.input_voxels
         if self.low_disc is None:
             return [("", high, ([aug_real[0]], [aug_fake[0]]), 1.0, slab_voxels)]
-        if self.config.loss.disc_losses == "separate":
-            w_high, w_low = self.config.loss.weight_high, self.config.loss.weight_low
+        if self.config.hagan.disc_losses == "separate":
+            w_high, w_low = self.config.hagan.weight_high, self.config.hagan.weight_low
             return [("_high", high, ([aug_real[0]], [aug_fake[0]]), w_high, slab_voxels),
                     ("_low", low, ([aug_real[1]], [aug_fake[1]]), w_low, low_voxels)]
         return [("", joint, (list(aug_real), list(aug_fake)), 1.0, slab_voxels + low_voxels)]
 
     def generator_step(self, step: "StepInputs", rng: torch.Generator) -> dict[str, Tensor | float]:
         """G^A, G^L, G^H: fool both discriminators on a new z with the same r, and (with
-        ``loss.lambda_recon_generator``) regenerate the real batch from its codes through frozen encoders."""
-        loss_cfg = self.config.loss
+        ``hagan.lambda_recon_generator``) regenerate the real batch from its codes through frozen encoders."""
+        loss_cfg = self.config.hagan
         self.train_only(*self.generator_modules)
         logs: dict[str, Tensor | float] = {}
         with self.autocast():
             fake_slab, fake_low = self.generate_parts(self.train_latent(step.real.shape[0], rng), step.start, step.onehot)
             heads = self.head_logits(self.augment(fake_slab, step.aug_rng), self.augment(fake_low, step.aug_rng), step.r)
-        g_loss = sum(w * generator_loss(loss_cfg.kind, logit) for logit, _, w in heads)
+        g_loss = sum(w * generator_loss(loss_cfg.loss, logit) for logit, _, w in heads)
         logs["loss/G_adv"] = g_loss.detach()
         if step.labels is not None:
             g_cls = sum(w * F.cross_entropy(cls.float(), step.labels) for _, cls, w in heads)
@@ -352,8 +352,8 @@ class HAGAN(GenerativeModel):
         self, real: Tensor, real_slab: Tensor, real_low: Tensor | None, start: int, onehot: Tensor | None
     ) -> dict[str, Tensor | float]:
         """E^H reconstructs the slab through frozen G^H (eq. 6); E^G the slab and X^L through frozen G (eq. 7),
-        with ``loss.lambda_latent_prior`` pulling its codes towards the prior N(0, I) that G samples from."""
-        loss_cfg = self.config.loss
+        with ``hagan.lambda_latent_prior`` pulling its codes towards the prior N(0, I) that G samples from."""
+        loss_cfg = self.config.hagan
         self.train_only(self.slab_encoder)
         with self.autocast():
             slab_rec = self.high_gen(self.slab_encoder(real_slab))
@@ -384,9 +384,9 @@ class HAGAN(GenerativeModel):
         return ema
 
     def ema_beta(self, iteration: int) -> float:
-        """Decay per update for a half-life of ``train.ema_kimg`` thousand images, shortened early in
-        training to ``train.ema_rampup`` of the images seen so far (StyleGAN2-ADA's ramp-up)."""
-        t, batch = self.config.train, self.config.optim.batch_size
+        """Decay per update for a half-life of ``hagan.ema_kimg`` thousand images, shortened early in
+        training to ``hagan.ema_rampup`` of the images seen so far (StyleGAN2-ADA's ramp-up)."""
+        t, batch = self.config.hagan, self.config.optim.batch_size
         half_life = t.ema_kimg * 1000
         if t.ema_rampup > 0:
             half_life = min(half_life, (iteration + 1) * batch * t.ema_rampup)
@@ -424,7 +424,7 @@ class HAGAN(GenerativeModel):
 
     def compiled_modules(self) -> list[nn.Module]:
         """R1 and WGAN-GP differentiate the discriminators twice, which compiled graphs do not support."""
-        twice = self.config.loss.r1_gamma > 0 or self.config.loss.r1_per_voxel > 0 or self.config.loss.kind == "wgan-gp"
+        twice = self.config.hagan.r1_gamma > 0 or self.config.hagan.r1_per_voxel > 0 or self.config.hagan.kind == "wgan-gp"
         modules = [self.common, self.low_gen, self.high_gen, self.slab_encoder, self.global_encoder]
         if not twice:
             modules += [self.high_disc, self.low_disc]
@@ -488,7 +488,7 @@ class HAGAN(GenerativeModel):
     def encode(self, volumes: Tensor) -> Tensor:
         """Latent codes Z-hat of full volumes (n, 1, S, S, S)."""
         if self.slab_encoder is None:
-            raise ValueError("this model was trained without encoders (model.encoder: false)")
+            raise ValueError("this model was trained without encoders (hagan.encoder: false)")
         expected = (1, self.size, self.size, self.size)
         if tuple(volumes.shape[1:]) != expected:
             raise ValueError(f"volumes must have shape (n, {', '.join(map(str, expected))}), got {tuple(volumes.shape)}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...checks import short_repr
+from ..spec import ModelSpec
 
 METHODS = ("multiscale", "patchwise", "small")
 ADVERSARIAL = ("lsgan", "bce")
@@ -113,3 +114,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "patchwise-128": _uzunova(128, "patchwise", stages=2),
     "small-gan-128": _uzunova(128, "small", stages=2),
 }
+
+SPECS = (
+    ModelSpec(
+        name="patch", entry="hagan.models.patch.model:MultiScalePatchGAN", section="patch", options=PatchConfig,
+        default_preset="patch-128",
+        divergence_hint="lower the learning rates (optim.lr_g, optim.lr_d) or patch.d_accuracy_gate, or set "
+                        "train.on_divergence: rollback",
+    ),
+)

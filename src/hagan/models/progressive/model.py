@@ -217,7 +217,7 @@ class ProgressiveGAN(GenerativeModel):
         self.trainable(self.discriminator)
         with torch.no_grad(), self.autocast():
             fake = self.generator(self.train_latent(n, rng), phase.level, phase.alpha)
-        d_loss, parts = critic_loss(critic, real, fake.float(), self.config.loss.gp_lambda, penalty_rng)
+        d_loss, parts = critic_loss(critic, real, fake.float(), self.config.progressive.gp_lambda, penalty_rng)
         logs = {"loss/D": self.update("D", d_loss), **{k: float(v.detach()) for k, v in parts.items()}}
 
         self.trainable(self.generator)

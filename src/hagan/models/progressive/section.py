@@ -8,14 +8,15 @@ linearly from 0 to 1) and then a stable phase, each lasting the given number of 
 After that the GAN keeps training at full size until ``train.iterations``, or, with ``encoder``,
 is frozen while the encoder that inverts the generator trains for the rest of the run.
 
-The loss is always WGAN-GP with the drift term (weight ``loss.gp_lambda``, drift 0.001);
-``loss.kind`` is not used by this model.
+The loss is always WGAN-GP with the drift term (gradient penalty weight ``gp_lambda``, drift 0.001).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from ..spec import ModelSpec
 
 DIMS = (2, 3)
 
@@ -44,6 +45,8 @@ class ProgressiveConfig:
     # weight of the L1 reconstruction of real images through the frozen generator in the encoder's
     # loss, beside the latent regression on generated pairs (Beers et al.: 0, regression only)
     encoder_recon_weight: float = 0.0
+    # weight of the gradient penalty in the critic's WGAN-GP loss
+    gp_lambda: float = 10.0
 
     def problems(self) -> list[str]:
         problems = []
@@ -56,7 +59,7 @@ class ProgressiveConfig:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_channels < self.min_channels:
             problems.append(f"max_channels ({self.max_channels}) must not be below min_channels ({self.min_channels})")
-        for name in ("final_images", "segmentation_labels", "encoder_recon_weight"):
+        for name in ("final_images", "segmentation_labels", "encoder_recon_weight", "gp_lambda"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative, got {getattr(self, name)}")
         return problems
@@ -72,8 +75,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "progressive-128": {
         "model": {"name": "progressive", "size": 128, "latent_dim": 128},
         "optim": {"batch_size": 4, **KARRAS_OPTIM},
-        "loss": {"gp_lambda": 10.0},
-        "progressive": {"dims": 3, "start_size": 4, "fade_images": 32000, "stable_images": 32000, "encoder": True},
+                "progressive": {"dims": 3, "start_size": 4, "fade_images": 32000, "stable_images": 32000, "encoder": True},
         "train": {"iterations": 96000},
     },
     # Beers et al.'s 2D schedule: 16 images per batch (4 volumes x 4 axial slices), 20000 iterations per
@@ -81,8 +83,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "progressive-2d": {
         "model": {"name": "progressive", "size": 128, "latent_dim": 128},
         "optim": {"batch_size": 4, **KARRAS_OPTIM},
-        "loss": {"gp_lambda": 10.0},
-        "progressive": {"dims": 2, "start_size": 4, "fade_images": 320000, "stable_images": 320000,
+                "progressive": {"dims": 2, "start_size": 4, "fade_images": 320000, "stable_images": 320000,
                         "slices_per_volume": 4, "encoder": True},
         "train": {"iterations": 240000},
     },
@@ -92,9 +93,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "progressive-hippocampus": {
         "model": {"name": "progressive", "size": 64, "latent_dim": 128},
         "optim": {"batch_size": 8, **KARRAS_OPTIM},
-        "loss": {"gp_lambda": 10.0},
-        "progressive": {"dims": 3, "start_size": 4, "fade_images": 32000, "stable_images": 32000,
+                "progressive": {"dims": 3, "start_size": 4, "fade_images": 32000, "stable_images": 32000,
                         "segmentation_labels": 2, "encoder": True},
         "train": {"iterations": 40000},
     },
 }
+
+SPECS = (
+    ModelSpec(
+        name="progressive", entry="hagan.models.progressive.model:ProgressiveGAN", section="progressive",
+        options=ProgressiveConfig, default_preset="progressive-128",
+        divergence_hint="lower the learning rates (optim.lr_g, optim.lr_d) or raise progressive.gp_lambda, or set "
+                        "train.on_divergence: rollback",
+    ),
+)
