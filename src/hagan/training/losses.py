@@ -7,6 +7,7 @@ BCEWithLogits); ``wgan-gp`` and R1 are the options the field uses when data are 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,20 @@ def discriminator_loss(kind: str, real_logits: Tensor, fake_logits: Tensor) -> T
     real_logits, fake_logits = real_logits.float(), fake_logits.float()
     if kind == "bce":
         return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
-    return fake_logits.mean() - real_logits.mean() + WGAN_DRIFT * real_logits.pow(2).mean()
+    return wgan_critic_loss(real_logits, fake_logits, WGAN_DRIFT)
+
+
+def wgan_critic_loss(real_logits: Tensor, fake_logits: Tensor, drift: float = 0.0) -> Tensor:
+    """E[D(fake)] - E[D(real)]: the WGAN critic loss of every model, computed here alone.
+
+    ``drift`` x E[D(real)^2] (Karras et al.'s 0.001) keeps the unbounded logits near 0; Kwon et al.'s
+    baselines train without it.
+    """
+    real_logits, fake_logits = real_logits.float(), fake_logits.float()
+    loss = fake_logits.mean() - real_logits.mean()
+    if drift:
+        loss = loss + drift * real_logits.pow(2).mean()
+    return loss
 
 
 def generator_loss(kind: str, fake_logits: Tensor) -> Tensor:
@@ -64,6 +78,39 @@ def gradient_penalty(
         mixed.append((e * real.detach() + (1 - e) * fake.detach()).requires_grad_(True))
     norms = _squared_grad_norm(critic(*mixed), mixed).add(1e-12).sqrt()
     return (norms - 1).pow(2).mean()
+
+
+class CriticLoss(NamedTuple):
+    loss: Tensor
+    distance: Tensor  # E[D(real)] - E[D(fake)], averaged over the fakes: the critic's Wasserstein estimate
+    penalty: Tensor   # the gradient penalty, summed over the fakes, before its weight
+
+
+def wasserstein_critic_loss(
+    critic: Callable[[Tensor], Tensor],
+    real: Tensor,
+    fakes: Sequence[Tensor],
+    gp_lambda: float,
+    generator: torch.Generator | None = None,
+    drift: float = 0.0,
+) -> CriticLoss:
+    """Sum over the fakes of the WGAN critic loss plus gp_lambda x its own gradient penalty.
+
+    For critics that score one input: one fake for WGAN-GP, the progressive GAN and alpha-GAN's code
+    critic (whose "real" is the prior), the random and the reconstructed volumes for alpha-GAN's image
+    critic. The critic scores the real batch once, then each fake followed by its penalty.
+    """
+    real_logits = critic(real).float()
+    loss = real_logits.new_zeros(())
+    distance = real_logits.new_zeros(())
+    penalty = real_logits.new_zeros(())
+    for fake in fakes:
+        fake_logits = critic(fake).float()
+        gp = gradient_penalty(critic, [real], [fake], generator)
+        loss = loss + wgan_critic_loss(real_logits, fake_logits, drift) + gp_lambda * gp
+        distance = distance + (real_logits.mean() - fake_logits.mean()) / len(fakes)
+        penalty = penalty + gp
+    return CriticLoss(loss, distance, penalty)
 
 
 def latent_moment_penalty(codes: Tensor) -> Tensor:

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 
 from ...config import Config
 from ...errors import HaganError
-from ...training.losses import gradient_penalty
+from ...training.losses import wasserstein_critic_loss
 from ..base import GenerativeModel
 from ..hagan.networks import LEAK, Upsample, scaled
 
@@ -139,38 +138,6 @@ class CodeCritic(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(z).flatten()
-
-
-class CriticLoss(NamedTuple):
-    loss: Tensor
-    distance: Tensor  # E[D(real)] - E[D(fake)], averaged over the fakes: the critic's Wasserstein estimate
-    penalty: Tensor   # the gradient penalty, summed over the fakes, before its weight
-
-
-def wasserstein_critic_loss(
-    critic: Callable[[Tensor], Tensor],
-    real: Tensor,
-    fakes: Sequence[Tensor],
-    gp_lambda: float,
-    generator: torch.Generator | None = None,
-) -> CriticLoss:
-    """Sum over the fakes of E[D(fake)] - E[D(real)] + gp_lambda * GP(real, fake).
-
-    Kwon et al.'s critic losses: one fake for WGAN-GP and for the code critic (whose "real" is the
-    prior), the random and the reconstructed volumes for alpha-GAN's image critic, each pair with its
-    own penalty. No drift term.
-    """
-    real_score = critic(real).float().mean()
-    loss = real_score.new_zeros(())
-    distance = real_score.new_zeros(())
-    penalty = real_score.new_zeros(())
-    for fake in fakes:
-        gap = real_score - critic(fake).float().mean()
-        gp = gradient_penalty(critic, [real], [fake], generator)
-        loss = loss - gap + gp_lambda * gp
-        distance = distance + gap / len(fakes)
-        penalty = penalty + gp
-    return CriticLoss(loss, distance, penalty)
 
 
 Step = Callable[[Tensor, torch.Generator, torch.Generator], tuple[Tensor, dict[str, Tensor]]]

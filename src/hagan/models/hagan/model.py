@@ -13,13 +13,7 @@ from torch import Tensor, nn
 
 from ...config import Config
 from ...data.augment import AdaptiveAugmentStrength, diff_augment
-from ...training.losses import (
-    discriminator_loss,
-    generator_loss,
-    gradient_penalty,
-    latent_moment_penalty,
-    r1_penalty,
-)
+from ...training.losses import discriminator_loss, generator_loss, gradient_penalty, latent_moment_penalty, r1_penalty
 from ..base import GenerativeModel, adam
 from .networks import (
     CommonGenerator,
@@ -228,9 +222,21 @@ class HAGAN(GenerativeModel):
         return self._optimizers
 
     def train_step(self, batch: dict[str, Tensor], iteration: int, rng: torch.Generator) -> dict[str, Tensor | float]:
-        """The authors' order: D step, G step, E^H step, E^G step, each updating only its own module;
-        then the averaged generator follows G. The scalars stay on the device (the trainer reads them when
-        it logs), so an iteration waits on the host only for its slab start and, every few, for ADA."""
+        """One iteration in the authors' order of phases, each updating only its own module; then the averaged
+        generator follows G. The scalars stay on the device (the trainer reads them when it logs), so an
+        iteration waits on the host only for its slab start and, every few, for ADA."""
+        step = self.step_inputs(batch, iteration, rng)
+        logs = self._discriminator_phase(step, iteration, rng)
+        logs.update(self._generator_phase(step, rng))
+        if self.slab_encoder is not None:
+            logs.update(self._slab_encoder_phase(step))
+            logs.update(self._global_encoder_phase(step))
+        self.update_ema(iteration)
+        self.train_only(*self.trained_modules)
+        return logs
+
+    def step_inputs(self, batch: dict[str, Tensor], iteration: int, rng: torch.Generator) -> StepInputs:
+        """The iteration's real batch, its slab at a newly drawn start r and its X^L, which all four phases use."""
         loss_cfg = self.config.hagan
         real = batch["image"].to(self.device, memory_format=self.memory_format, non_blocking=True)
         onehot = self.onehot(batch["label"], check=False) if self.num_classes else None
@@ -239,18 +245,10 @@ class HAGAN(GenerativeModel):
         real_slab = self.real_slab(real, start)
         real_low = self.low_res(real) if self.low_gen is not None else None
         aug_rng = self.step_generator(rng) if (loss_cfg.diffaug or loss_cfg.loss == "wgan-gp") else rng
-        step = StepInputs(real, real_slab, real_low, start, self.normalised_start(start), onehot, labels, aug_rng)
+        return StepInputs(real, real_slab, real_low, start, self.normalised_start(start), onehot, labels, aug_rng)
 
-        logs = self.discriminator_step(step, iteration, rng)
-        logs.update(self.generator_step(step, rng))
-        if self.slab_encoder is not None:
-            logs.update(self.encoder_steps(real, real_slab, real_low, start, onehot))
-        self.update_ema(iteration)
-        self.train_only(*self.trained_modules)
-        return logs
-
-    def discriminator_step(self, step: "StepInputs", iteration: int, rng: torch.Generator) -> dict[str, Tensor | float]:
-        """D^H and D^L: tell real slabs and images from generated ones, plus the penalties; G is frozen."""
+    def _discriminator_phase(self, step: StepInputs, iteration: int, rng: torch.Generator) -> dict[str, Tensor | float]:
+        """D^H and D^L minimise the adversarial loss, real against generated, plus penalties and the class loss."""
         loss_cfg = self.config.hagan
         self.train_only(self.high_disc, self.low_disc)
         logs: dict[str, Tensor | float] = {}
@@ -266,7 +264,8 @@ class HAGAN(GenerativeModel):
         logs["loss/D_adv"] = d_loss.detach()
         d_loss = d_loss + self.penalties(aug_real, aug_fake, step, iteration, logs)
         if step.labels is not None:
-            # the class term on real volumes has weight 1 in D (the authors' code), lambda_class only in G
+            # weight 1, as in the authors' code: on real volumes only (a generated volume's class is what G is
+            # still learning), this term is all that trains D's class heads, so it is not scaled down
             d_cls = sum(w * F.cross_entropy(cls.float(), step.labels) for _, cls, w in real_heads)
             d_loss = d_loss + d_cls
             logs["loss/D_class"] = d_cls.detach()
@@ -322,9 +321,8 @@ class HAGAN(GenerativeModel):
                     ("_low", low, ([aug_real[1]], [aug_fake[1]]), w_low, low_voxels)]
         return [("", joint, (list(aug_real), list(aug_fake)), 1.0, slab_voxels + low_voxels)]
 
-    def generator_step(self, step: "StepInputs", rng: torch.Generator) -> dict[str, Tensor | float]:
-        """G^A, G^L, G^H: fool both discriminators on a new z with the same r, and (with
-        ``hagan.lambda_recon_generator``) regenerate the real batch from its codes through frozen encoders."""
+    def _generator_phase(self, step: StepInputs, rng: torch.Generator) -> dict[str, Tensor | float]:
+        """G^A, G^L and G^H minimise the adversarial loss on a new z (same r), the class loss and the reconstruction."""
         loss_cfg = self.config.hagan
         self.train_only(*self.generator_modules)
         logs: dict[str, Tensor | float] = {}
@@ -334,10 +332,13 @@ class HAGAN(GenerativeModel):
         g_loss = sum(w * generator_loss(loss_cfg.loss, logit) for logit, _, w in heads)
         logs["loss/G_adv"] = g_loss.detach()
         if step.labels is not None:
+            # lambda_class, not D's weight 1: for G the class term competes with the adversarial one (being
+            # classified as the requested class against looking real), and lambda_class sets that balance
             g_cls = sum(w * F.cross_entropy(cls.float(), step.labels) for _, cls, w in heads)
             g_loss = g_loss + loss_cfg.lambda_class * g_cls
             logs["loss/G_class"] = g_cls.detach()
         if loss_cfg.lambda_recon_generator > 0:
+            # regenerate the real batch from its codes through the frozen encoders
             with torch.no_grad(), self.autocast():
                 codes = self.global_encoder(self.encode_slabs(step.real))
             with self.autocast():
@@ -348,33 +349,44 @@ class HAGAN(GenerativeModel):
         self.update("G", g_loss)
         return logs
 
-    def encoder_steps(
-        self, real: Tensor, real_slab: Tensor, real_low: Tensor | None, start: int, onehot: Tensor | None
-    ) -> dict[str, Tensor | float]:
-        """E^H reconstructs the slab through frozen G^H (eq. 6); E^G the slab and X^L through frozen G (eq. 7),
-        with ``hagan.lambda_latent_prior`` pulling its codes towards the prior N(0, I) that G samples from."""
-        loss_cfg = self.config.hagan
+    generator_step = _generator_phase  # the public name callers outside the class use for G's phase
+
+    def _slab_encoder_phase(self, step: StepInputs) -> dict[str, Tensor | float]:
+        """E^H minimises the L1 between the real slab and its reconstruction through frozen G^H (eq. 6)."""
         self.train_only(self.slab_encoder)
         with self.autocast():
-            slab_rec = self.high_gen(self.slab_encoder(real_slab))
-        e_h = F.l1_loss(slab_rec.float(), real_slab.float())
-        self.update("E_H", loss_cfg.lambda_recon_slab * e_h)
+            slab_rec = self.high_gen(self.slab_encoder(step.real_slab))
+        e_h = F.l1_loss(slab_rec.float(), step.real_slab.float())
+        self.update("E_H", self.config.hagan.lambda_recon_slab * e_h)
+        return {"loss/E_H": e_h.detach()}
 
+    def _global_encoder_phase(self, step: StepInputs) -> dict[str, Tensor | float]:
+        """E^G minimises eq. 7's L1 of the slab and X^L regenerated through frozen E^H and G, plus the prior term."""
+        loss_cfg = self.config.hagan
         self.train_only(self.global_encoder)
         with self.autocast():
             with torch.no_grad():
-                slab_features = self.encode_slabs(real)
+                slab_features = self.encode_slabs(step.real)
             z_hat = self.global_encoder(slab_features)
-            slab_rec, low_rec = self.generate_parts(z_hat, start, onehot)
-        e_g = reconstruction_l1(slab_rec, low_rec, real_slab, real_low)
+            slab_rec, low_rec = self.generate_parts(z_hat, step.start, step.onehot)
+        e_g = reconstruction_l1(slab_rec, low_rec, step.real_slab, step.real_low)
         e_g_loss = loss_cfg.lambda_recon_global * e_g
-        logs: dict[str, Tensor | float] = {"loss/E_H": e_h.detach(), "loss/E_G": e_g.detach()}
+        logs: dict[str, Tensor | float] = {"loss/E_G": e_g.detach()}
         if loss_cfg.lambda_latent_prior > 0:
+            # keeps the codes on the prior N(0, I) that G samples from
             prior = latent_moment_penalty(z_hat)
             e_g_loss = e_g_loss + loss_cfg.lambda_latent_prior * prior
             logs["loss/E_G_prior"] = prior.detach()
         self.update("E_G", e_g_loss)
         return logs
+
+    def encoder_steps(
+        self, real: Tensor, real_slab: Tensor, real_low: Tensor | None, start: int, onehot: Tensor | None
+    ) -> dict[str, Tensor | float]:
+        """E^H's phase then E^G's on one batch: the encoders' half of an iteration, for training them alone."""
+        r = self.normalised_start(start)
+        step = StepInputs(real, real_slab, real_low, start, r, onehot, None, torch.Generator())
+        return {**self._slab_encoder_phase(step), **self._global_encoder_phase(step)}
 
     # ----- exponential moving average of G ---------------------------------------------------------
     def _ema_copy(self) -> nn.ModuleDict:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ...config import Config
 from ...errors import HaganError
-from ...training.losses import discriminator_loss, generator_loss, gradient_penalty
+from ...training.losses import WGAN_DRIFT, generator_loss, wasserstein_critic_loss
 from ..base import GenerativeModel
 from .networks import (
     ProgressiveDiscriminator,
@@ -62,10 +62,8 @@ def critic_loss(
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Karras et al.'s critic loss: E[D(fake)] - E[D(real)] + gp_lambda * GP + 0.001 * E[D(real)^2]."""
-    real_score, fake_score = critic(real), critic(fake)
-    penalty = gradient_penalty(critic, [real], [fake], generator)
-    loss = discriminator_loss("wgan-gp", real_score, fake_score) + gp_lambda * penalty
-    return loss, {"D/wasserstein": real_score.mean() - fake_score.mean(), "loss/D_gp": penalty}
+    out = wasserstein_critic_loss(critic, real, [fake], gp_lambda, generator, drift=WGAN_DRIFT)
+    return out.loss, {"D/wasserstein": out.distance, "loss/D_gp": out.penalty}
 
 
 class ProgressiveGAN(GenerativeModel):
