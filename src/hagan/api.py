@@ -17,13 +17,13 @@ import torch
 from tqdm import tqdm
 
 from .checks import is_int, require_count, short_repr
-from .config import Config, load_yaml
+from .config import PRECISIONS, Config, load_yaml
 from .data.intensity import to_output_intensity
 from .data.io import display_path, write_json_atomic, write_volume
 from .errors import HaganError
 from .models import build_model
 from .models.base import GenerativeModel
-from .training.accel import PRECISIONS, resolve_device
+from .training.accel import resolve_device
 from .training.checkpoint import list_checkpoints, load_checkpoint
 from .training.trainer import CONFIG_FILE, GEOMETRY_FILE, read_geometry
 

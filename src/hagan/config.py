@@ -16,7 +16,6 @@ from .checks import short_repr, short_text
 from .data.io import display_path, write_text_atomic
 from .errors import HaganError
 from .models import MODELS, PRESETS, SECTIONS, model_spec
-from .training.accel import PRECISIONS
 
 
 @dataclass
@@ -66,6 +65,9 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
 
+
+# train.precision: auto is bf16 autocast where the GPU supports it, else fp32 (hagan.training.accel)
+PRECISIONS = ("auto", "fp32", "bf16")
 
 # the sections every model reads; each model's own options are a section of their own (hagan.models)
 CORE_SECTIONS = ("model", "optim", "data", "train")

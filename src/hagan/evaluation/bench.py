@@ -154,10 +154,7 @@ def bench_config(model: str, size: int, batch: int, width: float, device: str,
 
 def module_param_counts(model: nn.Module) -> dict[str, int]:
     """Parameters per module (the keys of ``hagan summary``) and their total."""
-    from ..models.hagan.model import HAGAN, module_groups
-
-    groups = module_groups(model) if isinstance(model, HAGAN) else dict(model.named_children())
-    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in groups.items()}
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in model.parts.items()}
     counts["total"] = sum(counts.values())
     return counts
 
@@ -203,64 +200,27 @@ def estimate_memory(config, generate_batch: int = 1, model: nn.Module | None = N
     """A quick meta-device estimate of peak training and generation memory (bytes), for the guard.
 
     Training: weights, gradients and two Adam moments, the real batch, and the activations of the largest
-    update step (for HA-GAN the G step or the E^G step; for other models the largest of their
-    ``memory_probes``) times ``TRAIN_ACTIVATION_FACTOR``. Generation: weights plus ``GEN_LAYER_FACTOR``
-    times the largest input-plus-output of one layer on the generation batch. Meant to be within a
-    factor of about two; the guard multiplies it by ``ESTIMATE_SAFETY``. None where a model offers no
-    way to estimate a phase (no ``memory_probes``, or a pass that does not run on the meta device).
+    update step (the largest of the model's ``memory_probes``) times ``TRAIN_ACTIVATION_FACTOR``.
+    Generation: weights plus ``GEN_LAYER_FACTOR`` times the largest input-plus-output of one layer of the
+    model's ``generation_probe``. Meant to be within a factor of about two; the guard multiplies it by
+    ``ESTIMATE_SAFETY``. None where a model offers no way to estimate a phase (no ``memory_probes``, or a
+    pass that does not run on the meta device).
     """
-    from ..models.hagan.model import HAGAN
-
     model = model if model is not None else meta_model(config)
     model.eval()  # the same activations; spectral norm skips its power iteration
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     b, s = config.optim.batch_size, config.model.size
-    real_bytes = b * s**3 * 4
-    if not isinstance(model, HAGAN):
-        return _generic_estimate(model, params, real_bytes, b, generate_batch)
-    onehot = None
-    if model.num_classes:
-        onehot = torch.zeros(b, model.num_classes, device="meta")
-    z = torch.zeros(b, config.model.latent_dim, device="meta")
-    r = torch.zeros(1, device="meta")
-    start = model.max_start
-
-    def g_step():
-        slab, low = model.generate_parts(z, start, onehot)
-        model.discriminate(slab, low, r)
-
-    def eg_step():
-        if model.global_encoder is None:
-            return
-        real = torch.zeros(b, 1, s, s, s, device="meta")
-        features = model.encode_slabs(real)
-        model.generate_parts(model.global_encoder(features), start, onehot)
-
-    def generate():
-        with torch.no_grad():
-            zg = torch.zeros(generate_batch, config.model.latent_dim, device="meta")
-            og = torch.zeros(generate_batch, model.num_classes, device="meta") if model.num_classes else None
-            model.high_gen(model.common(zg, og))
-
-    train_act = max(_leaf_output_bytes(model, g_step)[0], _leaf_output_bytes(model, eg_step)[0])
-    return {"train": int(4 * params + real_bytes + TRAIN_ACTIVATION_FACTOR * train_act),
-            "generate": int(params + GEN_LAYER_FACTOR * _leaf_output_bytes(model, generate)[1])}
-
-
-def _generic_estimate(model: nn.Module, params: int, real_bytes: int, batch: int,
-                      generate_batch: int) -> dict[str, int | None]:
-    """The estimate through the model's public surface: ``memory_probes`` for training, ``sample`` for generation."""
     estimate: dict[str, int | None] = {"train": None, "generate": None}
     try:
-        probes = model.memory_probes(batch)
+        probes = model.memory_probes(b)
         if probes is not None:
             largest = max(_leaf_output_bytes(model, probe)[0] for probe in probes.values())
-            estimate["train"] = int(4 * params + real_bytes + TRAIN_ACTIVATION_FACTOR * largest)
+            estimate["train"] = int(4 * params + b * s**3 * 4 + TRAIN_ACTIVATION_FACTOR * largest)
     except Exception:  # noqa: BLE001 - no estimate, so no guard for this phase; the measurement still runs
         pass
     try:
         with torch.no_grad():
-            layer = _leaf_output_bytes(model, lambda: model.sample(generate_batch, torch.Generator()))[1]
+            layer = _leaf_output_bytes(model, model.generation_probe(generate_batch))[1]
         estimate["generate"] = int(params + GEN_LAYER_FACTOR * layer)
     except Exception:  # noqa: BLE001 - as above
         pass

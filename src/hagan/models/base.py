@@ -108,6 +108,16 @@ class GenerativeModel(nn.Module, ABC):
         when the model offers none."""
         return None
 
+    def generation_probe(self, n: int) -> Callable[[], object]:
+        """The forward pass that generates ``n`` volumes, for ``hagan bench``'s memory estimate on the meta
+        device; a model whose ``sample`` draws on a CPU generator or tiles overrides it."""
+        return lambda: self.sample(n, torch.Generator())
+
+    @property
+    def parts(self) -> dict[str, nn.Module]:
+        """The model's networks by the names ``hagan summary`` and ``hagan bench`` report them under."""
+        return dict(self.named_children())
+
     def extra_state(self) -> dict[str, Any]:
         """Scalars besides weights that a resumed run needs (e.g. an adaptive augmentation strength)."""
         return {}

@@ -11,9 +11,8 @@ from typing import Iterator
 
 import torch
 
+from hagan.config import PRECISIONS
 from hagan.errors import HaganError
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

@@ -4,6 +4,7 @@ generating and encoding full volumes (Sun et al. 2022, sections III-B to III-E a
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,6 +194,34 @@ class HAGAN(GenerativeModel):
     @property
     def generator_modules(self) -> list[nn.Module]:
         return [m for m in (self.common, self.low_gen, self.high_gen) if m is not None]
+
+    @property
+    def parts(self) -> dict[str, nn.Module]:
+        """The paper's seven modules (G^A, G^L, G^H, D^H, D^L, E^H, E^G), those this configuration has."""
+        return module_groups(self)
+
+    def memory_probes(self, batch_size: int) -> dict[str, Callable[[], object]]:
+        """The forward passes of the two largest update steps on a zero batch: G's (a slab and the low
+        resolution volume through both discriminators) and E^G's (the whole volume through E^H, then G)."""
+        z = torch.zeros(batch_size, self.config.model.latent_dim, device=self.device)
+        onehot = torch.zeros(batch_size, self.num_classes, device=self.device) if self.num_classes else None
+        r = torch.zeros(1, device=self.device)
+
+        def g_step() -> None:
+            slab, low = self.generate_parts(z, self.max_start, onehot)
+            self.discriminate(slab, low, r)
+
+        def eg_step() -> None:
+            real = torch.zeros(batch_size, 1, self.size, self.size, self.size, device=self.device)
+            self.generate_parts(self.global_encoder(self.encode_slabs(real)), self.max_start, onehot)
+
+        return {"G": g_step, "E_G": eg_step} if self.global_encoder is not None else {"G": g_step}
+
+    def generation_probe(self, n: int) -> Callable[[], object]:
+        """G^H on G^A's features for ``n`` zero codes: the untiled whole-volume pass, the one to plan for."""
+        z = torch.zeros(n, self.config.model.latent_dim, device=self.device)
+        onehot = torch.zeros(n, self.num_classes, device=self.device) if self.num_classes else None
+        return lambda: self.high_gen(self.common(z, onehot))
 
     @property
     def trained_modules(self) -> list[nn.Module]:

@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 from ...api import Run, load_run, to_output_intensity
 from ...checks import positive_int
+from ...config import PRECISIONS
 from ...data.intensity import RECIPES
 from ...data.io import Volume, display_path, list_volume_paths, read_volume, volume_stem, write_volume
 from ...data.preprocess import preprocess_volume
 from ...errors import HaganError, VolumeError
-from ...training.accel import PRECISIONS
 from ...viz import three_plane_montage
 
 MONTAGE_VOLUMES = 4
