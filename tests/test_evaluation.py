@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from hagan.data.intensity import to_output_intensity
 from hagan.data.preprocess import preprocess_folder
 from hagan.errors import HaganError
 from hagan.evaluation import (
@@ -388,3 +389,34 @@ def test_inception_25d_features_from_the_wheel():
     assert extractor.slice_indices(100) == [50]
     extractor.n_slices = None
     assert extractor.slice_indices(100) == list(range(30, 70))  # the central 40%
+
+
+def test_generated_ct_folder_is_scored_in_the_model_range(eval_data):
+    """A folder as ``hagan generate`` writes it for a CT run (int16 Hounsfield units and geometry.json with
+    recipe ct) is mapped back through the CT window: it scores as the model-range cubes it came from (up to
+    the rounding of HU to integers), and far from the same HU taken as model-range values."""
+    d = eval_data
+    root = d["root"] / "ct"
+    raw = _write_nifti_folder(root / "raw", blobs(8, seed=21) * 800.0 - 200.0)  # HU in [-1000, 600]
+    preprocess_folder(raw, root / "cache", "ct", SIZE, mode="resize", trim=False, progress=False)
+    cubes = np.stack([np.load(p) for p in sorted((root / "cache" / "volumes").glob("*.npy"))]).astype(np.float32)
+    generated, exact, unlabelled = root / "generated", root / "exact", root / "unlabelled"
+    for folder in (generated, exact, unlabelled):
+        folder.mkdir()
+    for i, cube in enumerate(cubes):
+        hounsfield = to_output_intensity(cube, "ct")
+        assert hounsfield.dtype == np.int16 and hounsfield.min() >= -1024 and hounsfield.max() > 0
+        nib.save(nib.Nifti1Image(hounsfield, np.eye(4)), str(generated / f"sample_{i:04d}.nii.gz"))
+        nib.save(nib.Nifti1Image(hounsfield, np.eye(4)), str(unlabelled / f"sample_{i:04d}.nii.gz"))
+        nib.save(nib.Nifti1Image(cube, np.eye(4)), str(exact / f"sample_{i:04d}.nii.gz"))
+    (generated / "geometry.json").write_text(json.dumps({"recipe": "ct", "size": SIZE}))
+    options = dict(features=["medicalnet-r10"], weights=d["weights"], device="cpu", batch_size=8, progress=False,
+                   allow_unknown_weights=True, figure=False, fid_method="eigh")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ct = evaluate(root / "cache", generated, root / "eval_ct", **options)
+        reference = evaluate(root / "cache", exact, root / "eval_exact", recipe="none", **options)
+        wrong = evaluate(root / "cache", unlabelled, root / "eval_wrong", recipe="none", **options)
+    assert ct["protocol"]["fake"]["recipe"] == "ct" and ct["n_fake"] == len(cubes)
+    assert ct["fid"] == pytest.approx(reference["fid"], rel=0.05, abs=1e-4), (ct["fid"], reference["fid"])
+    assert wrong["fid"] > 10 * ct["fid"], (wrong["fid"], ct["fid"])
