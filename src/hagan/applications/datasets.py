@@ -29,6 +29,7 @@ from hagan.data.io import list_volume_paths, read_volume, volume_stem, write_jso
 from hagan.data.phantoms import RECIPE_FOR_KIND, write_phantom_dataset
 from hagan.data.preprocess import preprocess_folder, preprocess_volume
 from hagan.errors import HaganError, VolumeError
+from hagan.run_folder import GEOMETRY_FILE
 
 NPZ_SPLITS = ("train", "val", "test")
 ATTRIBUTES_FILE = "attributes.csv"
@@ -93,7 +94,8 @@ def load_for_run(inputs: Sequence[str | os.PathLike], geometry: dict, size: int,
             raise HaganError(f"{path}: no such cache, folder or volume file")
     if files:
         if "recipe" not in geometry:
-            raise HaganError("the run has no geometry.json, so raw volumes cannot be preprocessed as it was; pass a cache")
+            raise HaganError(f"the run has no {GEOMETRY_FILE}, so raw volumes cannot be preprocessed as it was; "
+                             "pass a cache")
         arrays, names = [], []
         for path in tqdm(files, desc="preprocess", unit="vol", disable=not progress):
             try:

@@ -197,10 +197,9 @@ def check_cache_size(args: argparse.Namespace, config: Config) -> None:
 
 def check_not_trained(args: argparse.Namespace, config: Config, out: Path) -> None:
     """A resumed run that already reached its iterations: the error gives the command that trains on."""
-    from ..training.checkpoint import list_checkpoints
+    from ..run_folder import trained_iterations
 
-    found = list_checkpoints(out / "checkpoints")
-    done = int(found[-1].name.rsplit("_", 1)[-1]) if found else 0
+    done = trained_iterations(out)
     if done >= config.train.iterations:
         more = str(done + config.train.iterations)
         raise HaganError(f"{out}: already trained {done} iterations (train.iterations is {config.train.iterations}); "
@@ -210,8 +209,9 @@ def check_not_trained(args: argparse.Namespace, config: Config, out: Path) -> No
 def cmd_train(args: argparse.Namespace) -> None:
     from ..config import build_config, check_world_size
     from ..data.preprocess import preprocess_folder
+    from ..run_folder import CHECKPOINTS_DIR, CONFIG_FILE, CURVES_FILE, SAMPLES_DIR, TENSORBOARD_DIR
     from ..training.distributed import env_world_size, from_env
-    from ..training.trainer import CONFIG_FILE, Trainer, prepare_run_dir
+    from ..training.trainer import Trainer, prepare_run_dir
 
     out = Path(args.out)
     if args.resume:
@@ -260,8 +260,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"stopped at iteration {trainer.final_iteration} of {config.train.iterations}: the time limit "
               f"train.max_minutes = {config.train.max_minutes:g} ran out; checkpoint saved; continue with: {resume} "
               "(another max_minutes; add --set train.max_minutes=0 for no limit)")
-    print(f"run written to {display_path(run_dir)} (samples/, curves.png, checkpoints/; tensorboard --logdir "
-          f"{display_path(run_dir / 'tensorboard')})")
+    print(f"run written to {display_path(run_dir)} ({SAMPLES_DIR}/, {CURVES_FILE}, {CHECKPOINTS_DIR}/; tensorboard "
+          f"--logdir {display_path(run_dir / TENSORBOARD_DIR)})")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -50,6 +50,7 @@ from hagan.evaluation.stats import (
     mmd,
     ms_ssim_scales,
 )
+from hagan.run_folder import CONFIG_FILE, GEOMETRY_FILE
 from hagan.training.accel import resolve_device
 
 STATS_FORMAT = "hagan-eval-stats/1"
@@ -175,7 +176,7 @@ class RunSource(VolumeSource):
 
 
 def _is_run(path: Path) -> bool:
-    return path.is_dir() and (path / "config.yaml").is_file()
+    return path.is_dir() and (path / CONFIG_FILE).is_file()
 
 
 def _is_cache(path: Path) -> bool:
@@ -183,7 +184,7 @@ def _is_cache(path: Path) -> bool:
 
 
 def _read_geometry(folder: Path) -> dict:
-    path = folder / "geometry.json"
+    path = folder / GEOMETRY_FILE
     return read_json_object(path) if path.is_file() else {}
 
 
@@ -213,7 +214,7 @@ def protocol_size(real: Any, fake: Any, size: int | None = None) -> tuple[int, s
         edge = _read_geometry(Path(fake)).get("size") or load_run(fake, device="cpu").size
         fixed.append((int(edge), f"run {fake}"))
     elif (geometry := _read_geometry(Path(fake))).get("recipe") and geometry.get("size"):
-        fixed.append((int(geometry["size"]), f"{Path(fake) / 'geometry.json'}"))
+        fixed.append((int(geometry["size"]), f"{Path(fake) / GEOMETRY_FILE}"))
     if not _is_path(real):
         fixed.append((_array_size(real), "the real array"))
     elif _is_stats(real):
@@ -289,7 +290,7 @@ def open_fake(
                 raise VolumeError(p, f"shape {array.shape} differs from the first generated volume's {(edge,) * 3}")
             return output_to_model_range(array, generated_recipe)
 
-        info = {"recipe": generated_recipe, "recipe_from": "geometry.json", "fit": "hagan generate output units"}
+        info = {"recipe": generated_recipe, "recipe_from": GEOMETRY_FILE, "fit": "hagan generate output units"}
         return FileSource("folder", path, paths, load, edge, info), geometry
     fake_recipe = recipe
     if fake_recipe is None:

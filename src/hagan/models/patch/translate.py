@@ -24,6 +24,7 @@ from ...data.intensity import RECIPES
 from ...data.io import Volume, display_path, list_volume_paths, read_volume, volume_stem, write_volume
 from ...data.preprocess import preprocess_volume
 from ...errors import HaganError, VolumeError
+from ...run_folder import GEOMETRY_FILE
 from ...training.accel import PRECISIONS
 from ...viz import three_plane_montage
 
@@ -66,7 +67,7 @@ def translate_files(
                          "train one with --model patch")
     for key in ("recipe", "mode"):
         if key not in run.geometry:
-            raise HaganError(f"{run.run_dir}: geometry.json lacks {key!r}, so inputs cannot be prepared as the "
+            raise HaganError(f"{run.run_dir}: {GEOMETRY_FILE} lacks {key!r}, so inputs cannot be prepared as the "
                              "training data were")
     recipe = recipe or run.geometry["recipe"]
     if recipe not in RECIPES:
