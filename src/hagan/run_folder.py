@@ -1,4 +1,4 @@
-"""A training run folder's layout, in one place.
+"""A training run folder's layout, in one place, and the inputs prepared as its training data were.
 
 ::
 
@@ -10,20 +10,25 @@
     RUN/curves.png, RUN/tensorboard/
 
 Training, inference, evaluation and the command line all read these names from here, and this module
-imports no torch, so that code which only looks at a run folder never loads it.
+imports no torch, so that code which only looks at a run folder (or prepares its inputs) never loads it.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+from tqdm import tqdm
 
 from hagan.checks import affine_problem, is_int, read_json_object, short_repr
 from hagan.data.cube import FIT_MODES
 from hagan.data.intensity import RECIPES
-from hagan.data.io import display_path, write_text_atomic
-from hagan.errors import HaganError
+from hagan.data.io import Volume, display_path, list_volume_paths, read_volume, write_text_atomic
+from hagan.data.preprocess import preprocess_volume
+from hagan.errors import HaganError, VolumeError
 
 CONFIG_FILE = "config.yaml"
 GEOMETRY_FILE = "geometry.json"
@@ -121,3 +126,45 @@ def truncate_scalars(run_dir: Path, iteration: int) -> None:
         return
     kept = [r for r in _scalar_records(path) if r["iteration"] <= iteration]
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+# ----- inputs prepared as the run's training data were --------------------------------------------
+
+
+class PreparedInput(NamedTuple):
+    """One usable input: its position among the expanded paths, its path, and its cube (array in [-1, 1]
+    with the affine that places it over the input in world space)."""
+
+    index: int
+    path: Path
+    cube: Volume
+
+
+def volume_paths(items: Sequence[str | Path]) -> list[Path]:
+    """Files as given, folders as the volumes inside them (sorted); a folder holding none stays itself,
+    so that reading it says why instead of the folder vanishing silently."""
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        paths.extend((list_volume_paths(path) if path.is_dir() else []) or [path])
+    return paths
+
+
+def prepare_volume(path: Path, recipe: str, size: int, mode: str) -> Volume:
+    """A volume file read and preprocessed into the ``size`` cube by ``recipe`` and fit ``mode``, as
+    ``hagan preprocess`` prepares training data; every problem with the file is a VolumeError."""
+    return preprocess_volume(read_volume(path), recipe, size, mode, source=str(path))
+
+
+def prepare_inputs(
+    paths: Sequence[Path], recipe: str, size: int, mode: str, progress: bool = False, desc: str = "preprocess"
+) -> Iterator[PreparedInput]:
+    """Each usable path of ``volume_paths`` prepared by ``prepare_volume``, one at a time (a caller may
+    stream them); an unusable one is reported as one line on stderr and skipped."""
+    for index, path in enumerate(tqdm(paths, desc=desc, unit="vol", disable=not progress)):
+        try:
+            cube = prepare_volume(path, recipe, size, mode)
+        except VolumeError as err:
+            print(f"skipped {err}", file=sys.stderr)
+            continue
+        yield PreparedInput(index, path, cube)

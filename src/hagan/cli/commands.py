@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import __version__
-from ..errors import HaganError, VolumeError, display_path, printable
+from ..errors import HaganError, display_path, printable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -287,31 +287,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def read_for_run(run, paths: Sequence[str]) -> tuple[list[str], np.ndarray, list[np.ndarray]]:
     """Read and preprocess volumes with the run's recipe and size, as its training data were; with each
-    cube's affine, which places it over its input in world space."""
+    file's name and each cube's affine, which places it over its input in world space."""
     import numpy as np
 
-    from ..data.io import list_volume_paths, read_volume
-    from ..data.preprocess import preprocess_volume
+    from ..run_folder import prepare_inputs, volume_paths
 
-    files: list[Path] = []
-    for item in paths:
-        p = Path(item)
-        files.extend((list_volume_paths(p) if p.is_dir() else []) or [p])
-    names, arrays, affines = [], [], []
-    for path in files:
-        try:
-            volume = preprocess_volume(
-                read_volume(path), run.geometry["recipe"], run.size, run.geometry["mode"], source=str(path)
-            )
-        except VolumeError as err:
-            print(f"skipped {err}", file=sys.stderr)
-            continue
-        names.append(path.name)
-        arrays.append(volume.array)
-        affines.append(volume.affine)
-    if not arrays:
+    prepared = list(prepare_inputs(volume_paths(paths), run.geometry["recipe"], run.size, run.geometry["mode"]))
+    if not prepared:
         raise HaganError("no usable volume among the inputs")
-    return names, np.stack(arrays), affines
+    return ([p.path.name for p in prepared], np.stack([p.cube.array for p in prepared]),
+            [p.cube.affine for p in prepared])
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
