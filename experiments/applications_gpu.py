@@ -43,8 +43,9 @@ from hagan.applications.datasets import (
 )
 from hagan.applications.features import FeatureSettings, run_features
 from hagan.applications.latent_walk import WalkSettings, run_latent_walk
-from hagan.applications.runs import TrainingPaused, checkpoint_iteration, ensure_run, training_config
+from hagan.applications.runs import TrainingPaused, ensure_run, training_config
 from hagan.data.preprocess import preprocess_folder
+from hagan.run_folder import trained_iterations
 
 SEEDS = [0, 1, 2, 3, 4]
 MARGIN_MINUTES = 1.5  # start-up, checkpoint writing and the process's exit
@@ -94,18 +95,18 @@ def train_job(spec_json: str) -> None:
 def train_all(jobs: dict[str, dict], args: argparse.Namespace, minutes: float) -> bool:
     """Train every unfinished job in parallel for ``minutes``; True when all have finished."""
     pending = {name: job for name, job in jobs.items()
-               if checkpoint_iteration(args.work / "runs" / name) < job["iterations"]}
+               if trained_iterations(args.work / "runs" / name) < job["iterations"]}
     processes = []
     for name, job in pending.items():
         spec = {**job, "cache": str(job["cache"]), "run": str(args.work / "runs" / name), "minutes": minutes}
         log = open(args.work / "runs" / f"{name}.log", "a")
-        print(f"training {name} for up to {minutes:.1f} min (at iteration {checkpoint_iteration(args.work / 'runs' / name)} "
+        print(f"training {name} for up to {minutes:.1f} min (at iteration {trained_iterations(args.work / 'runs' / name)} "
               f"of {job['iterations']})")
         processes.append(subprocess.Popen([sys.executable, __file__, "_train", json.dumps(spec)], stdout=log, stderr=log))
     for process in processes:
         process.wait()
-    unfinished = [f"{name} ({checkpoint_iteration(args.work / 'runs' / name)}/{job['iterations']})"
-                  for name, job in jobs.items() if checkpoint_iteration(args.work / "runs" / name) < job["iterations"]]
+    unfinished = [f"{name} ({trained_iterations(args.work / 'runs' / name)}/{job['iterations']})"
+                  for name, job in jobs.items() if trained_iterations(args.work / "runs" / name) < job["iterations"]]
     if unfinished:
         print("still training: " + ", ".join(unfinished) + "; run the same command again")
     return not unfinished

@@ -37,7 +37,8 @@ from hagan.data.dataset import CachedVolumeDataset
 from hagan.data.preprocess import ensure_cache
 from hagan.evaluation.bench import device_name, peak_rss_bytes, reset_peak_rss
 from hagan.evaluation.metrics import grey_levels, pairwise_mean_abs_diff
-from hagan.training.trainer import SCALARS_FILE, Trainer
+from hagan.run_folder import SCALARS_FILE
+from hagan.training.trainer import Trainer
 from hagan.viz import montage_grid, three_plane_montage
 
 MODELS = ("wgan-gp", "alpha-gan", "vae-gan")

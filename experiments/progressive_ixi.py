@@ -47,7 +47,8 @@ from hagan.evaluation.bench import device_name, peak_rss_bytes, reset_peak_rss
 from hagan.evaluation.metrics import grey_levels, pairwise_mean_abs_diff
 from hagan.models import build_model
 from hagan.models.progressive.schedule import GrowthSchedule
-from hagan.training.trainer import SCALARS_FILE, Trainer, pick_device
+from hagan.run_folder import SCALARS_FILE
+from hagan.training.trainer import Trainer, pick_device
 from hagan.viz import montage_grid, three_plane_montage
 
 SAMPLES = 16

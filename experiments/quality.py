@@ -46,8 +46,8 @@ from hagan.data.preprocess import preprocess_folder
 from hagan.evaluation import build_extractor, fid_from_features, kid
 from hagan.evaluation.metrics import grey_levels, pairwise_mean_abs_diff
 from hagan.models import build_model
-from hagan.training.checkpoint import list_checkpoints
-from hagan.training.trainer import read_scalars, train
+from hagan.run_folder import list_checkpoints, read_scalars
+from hagan.training.trainer import train
 from hagan.viz import MAX_MONTAGE_VOLUMES, montage_grid, three_plane_montage
 
 # name -> (preset, overrides on top of it); the protocol's sizes are applied after these

@@ -28,7 +28,7 @@ from hagan.data.dataset import CachedVolumeDataset
 from hagan.data.preprocess import preprocess_folder
 from hagan.errors import HaganError
 from hagan.evaluation.metrics import grey_levels, pairwise_mean_abs_diff
-from hagan.training.checkpoint import list_checkpoints
+from hagan.run_folder import list_checkpoints
 from hagan.training.trainer import train
 from hagan.viz import montage_grid, three_plane_montage
 

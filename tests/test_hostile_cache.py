@@ -24,7 +24,8 @@ from hagan.data.io import write_volume
 from hagan.data.preprocess import MAX_CUBE_SIZE, preprocess_folder
 from hagan.errors import HaganError
 from hagan.models import build_model
-from hagan.training.checkpoint import TMP_PREFIX, list_checkpoints, load_checkpoint
+from hagan.run_folder import list_checkpoints
+from hagan.training.checkpoint import TMP_PREFIX, load_checkpoint
 
 ENOSPC = "No space left on device"
 NAMES = ("v0", "v1", "v2")

@@ -29,7 +29,7 @@ from hagan.models.progressive.networks import (
     upsample,
 )
 from hagan.models.progressive.schedule import GrowthSchedule
-from hagan.training.checkpoint import list_checkpoints
+from hagan.run_folder import list_checkpoints
 from hagan.training.trainer import Trainer
 
 SIZE = 32

@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 from hagan.config import build_config
 from hagan.errors import HaganError
 from hagan.models import build_model
-from hagan.training.checkpoint import TMP_PREFIX, TRASH_PREFIX, list_checkpoints, load_checkpoint
-from hagan.training.trainer import Trainer, read_scalars, train
+from hagan.run_folder import list_checkpoints, read_scalars
+from hagan.training.checkpoint import TMP_PREFIX, TRASH_PREFIX, load_checkpoint
+from hagan.training.trainer import Trainer, train
 
 TINY = {"size": 32, "width": 0.125, "latent_dim": 16}
 # a run that exercises every random stream: volume augmentation, DiffAugment with ADA, random r

@@ -23,9 +23,9 @@ from .data.io import display_path, write_json_atomic, write_volume
 from .errors import HaganError
 from .models import build_model
 from .models.base import GenerativeModel
+from .run_folder import CHECKPOINTS_DIR, CONFIG_FILE, GEOMETRY_FILE, list_checkpoints, read_geometry
 from .training.accel import resolve_device
-from .training.checkpoint import list_checkpoints, load_checkpoint
-from .training.trainer import CONFIG_FILE, GEOMETRY_FILE, read_geometry
+from .training.checkpoint import load_checkpoint
 
 SAMPLE_FROM = (None, "ema", "raw")
 
@@ -77,7 +77,7 @@ class Run:
         self.device = resolve_device(device)
         self.model: GenerativeModel = build_model(self.config)
         if checkpoint is None:
-            found = list_checkpoints(self.run_dir / "checkpoints")
+            found = list_checkpoints(self.run_dir / CHECKPOINTS_DIR)
             if not found:
                 raise HaganError(f"{self.run_dir}: no checkpoint yet")
             checkpoint = found[-1]

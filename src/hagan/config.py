@@ -15,7 +15,7 @@ import yaml
 from .checks import short_repr, short_text
 from .data.io import display_path, write_text_atomic
 from .errors import HaganError
-from .models import MODELS, PRESETS, SECTIONS, model_spec
+from .models.registry import MODELS, PRESETS, SECTIONS, model_spec
 
 
 @dataclass

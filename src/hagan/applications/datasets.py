@@ -25,10 +25,11 @@ from tqdm import tqdm
 
 from hagan.data.cache import load_manifest
 from hagan.data.dataset import CachedVolumeDataset, split_indices
-from hagan.data.io import list_volume_paths, read_volume, volume_stem, write_json_atomic
+from hagan.data.io import volume_stem, write_json_atomic
 from hagan.data.phantoms import RECIPE_FOR_KIND, write_phantom_dataset
-from hagan.data.preprocess import preprocess_folder, preprocess_volume
-from hagan.errors import HaganError, VolumeError
+from hagan.data.preprocess import preprocess_folder
+from hagan.errors import HaganError
+from hagan.run_folder import GEOMETRY_FILE, prepare_inputs, volume_paths
 
 NPZ_SPLITS = ("train", "val", "test")
 ATTRIBUTES_FILE = "attributes.csv"
@@ -74,7 +75,7 @@ def load_cache(cache_dir: str | os.PathLike, progress: bool = False) -> VolumeSe
 def load_for_run(inputs: Sequence[str | os.PathLike], geometry: dict, size: int, progress: bool = False) -> VolumeSet:
     """Caches as they are, other volumes preprocessed with the run's recipe and fit mode at its size."""
     parts: list[VolumeSet] = []
-    files: list[Path] = []
+    raw: list[Path] = []  # volume files and folders, prepared below
     for item in inputs:
         path = Path(item)
         if is_cache(path):
@@ -85,27 +86,19 @@ def load_for_run(inputs: Sequence[str | os.PathLike], geometry: dict, size: int,
                     f"{geometry.get('recipe')} at {size}^3"
                 )
             parts.append(load_cache(path, progress))
-        elif path.is_dir():
-            files += list_volume_paths(path)
-        elif path.is_file():
-            files.append(path)
+        elif path.is_dir() or path.is_file():
+            raw.append(path)
         else:
             raise HaganError(f"{path}: no such cache, folder or volume file")
-    if files:
+    if raw:
         if "recipe" not in geometry:
-            raise HaganError("the run has no geometry.json, so raw volumes cannot be preprocessed as it was; pass a cache")
-        arrays, names = [], []
-        for path in tqdm(files, desc="preprocess", unit="vol", disable=not progress):
-            try:
-                volume = preprocess_volume(read_volume(path), geometry["recipe"], size, geometry.get("mode", "resize_keep_aspect"),
-                                           source=str(path))
-            except VolumeError as err:
-                print(f"skipped {err}")
-                continue
-            arrays.append(volume.array)
-            names.append(volume_stem(path))
-        if arrays:
-            parts.append(VolumeSet(np.stack(arrays), names, np.full(len(names), -1, np.int64)))
+            raise HaganError(f"the run has no {GEOMETRY_FILE}, so raw volumes cannot be preprocessed as it was; "
+                             "pass a cache")
+        prepared = list(prepare_inputs(volume_paths(raw), geometry["recipe"], size,
+                                       geometry.get("mode", "resize_keep_aspect"), progress))
+        if prepared:
+            parts.append(VolumeSet(np.stack([p.cube.array for p in prepared]), [volume_stem(p.path) for p in prepared],
+                                   np.full(len(prepared), -1, np.int64)))
     if not parts:
         raise HaganError("no usable volume among the inputs")
     return VolumeSet(np.concatenate([p.volumes for p in parts]), [n for p in parts for n in p.names],

@@ -13,8 +13,8 @@ from pathlib import Path
 from hagan.api import Run, load_run
 from hagan.config import Config, build_config, load_yaml, parse_assignment
 from hagan.errors import HaganError
-from hagan.training.checkpoint import list_checkpoints
-from hagan.training.trainer import CONFIG_FILE, train
+from hagan.run_folder import CONFIG_FILE, trained_iterations
+from hagan.training.trainer import train
 
 
 class TrainingPaused(HaganError):
@@ -30,11 +30,6 @@ def training_config(
     return build_config(preset, config_path, overrides)
 
 
-def checkpoint_iteration(run_dir: Path) -> int:
-    found = list_checkpoints(run_dir / "checkpoints")
-    return int(found[-1].name.split("_")[-1]) if found else 0
-
-
 def ensure_run(config: Config, run_dir: str | os.PathLike, progress: bool = True) -> Path:
     """Train ``config`` into ``run_dir``, resume it if an earlier call stopped early, or reuse it if done.
 
@@ -43,7 +38,7 @@ def ensure_run(config: Config, run_dir: str | os.PathLike, progress: bool = True
     """
     run_dir = Path(run_dir)
     saved = run_dir / CONFIG_FILE
-    done = checkpoint_iteration(run_dir)
+    done = trained_iterations(run_dir)
     if saved.is_file():
         previous = load_yaml(saved)
         if previous.get("model") != config.to_dict()["model"]:
@@ -55,7 +50,7 @@ def ensure_run(config: Config, run_dir: str | os.PathLike, progress: bool = True
             train(config, run_dir, resume=True, progress=progress)
     else:
         train(config, run_dir, progress=progress)
-    done = checkpoint_iteration(run_dir)
+    done = trained_iterations(run_dir)
     if done < config.train.iterations:
         raise TrainingPaused(
             f"{run_dir}: training stopped at iteration {done} of {config.train.iterations} (train.max_minutes); "

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import __version__
-from ..errors import HaganError, VolumeError, display_path, printable
+from ..errors import HaganError, display_path, printable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -197,10 +197,9 @@ def check_cache_size(args: argparse.Namespace, config: Config) -> None:
 
 def check_not_trained(args: argparse.Namespace, config: Config, out: Path) -> None:
     """A resumed run that already reached its iterations: the error gives the command that trains on."""
-    from ..training.checkpoint import list_checkpoints
+    from ..run_folder import trained_iterations
 
-    found = list_checkpoints(out / "checkpoints")
-    done = int(found[-1].name.rsplit("_", 1)[-1]) if found else 0
+    done = trained_iterations(out)
     if done >= config.train.iterations:
         more = str(done + config.train.iterations)
         raise HaganError(f"{out}: already trained {done} iterations (train.iterations is {config.train.iterations}); "
@@ -210,8 +209,9 @@ def check_not_trained(args: argparse.Namespace, config: Config, out: Path) -> No
 def cmd_train(args: argparse.Namespace) -> None:
     from ..config import build_config, check_world_size
     from ..data.preprocess import preprocess_folder
+    from ..run_folder import CHECKPOINTS_DIR, CONFIG_FILE, CURVES_FILE, SAMPLES_DIR, TENSORBOARD_DIR
     from ..training.distributed import env_world_size, from_env
-    from ..training.trainer import CONFIG_FILE, Trainer, prepare_run_dir
+    from ..training.trainer import Trainer, prepare_run_dir
 
     out = Path(args.out)
     if args.resume:
@@ -260,8 +260,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"stopped at iteration {trainer.final_iteration} of {config.train.iterations}: the time limit "
               f"train.max_minutes = {config.train.max_minutes:g} ran out; checkpoint saved; continue with: {resume} "
               "(another max_minutes; add --set train.max_minutes=0 for no limit)")
-    print(f"run written to {display_path(run_dir)} (samples/, curves.png, checkpoints/; tensorboard --logdir "
-          f"{display_path(run_dir / 'tensorboard')})")
+    print(f"run written to {display_path(run_dir)} ({SAMPLES_DIR}/, {CURVES_FILE}, {CHECKPOINTS_DIR}/; tensorboard "
+          f"--logdir {display_path(run_dir / TENSORBOARD_DIR)})")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -287,31 +287,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def read_for_run(run, paths: Sequence[str]) -> tuple[list[str], np.ndarray, list[np.ndarray]]:
     """Read and preprocess volumes with the run's recipe and size, as its training data were; with each
-    cube's affine, which places it over its input in world space."""
+    file's name and each cube's affine, which places it over its input in world space."""
     import numpy as np
 
-    from ..data.io import list_volume_paths, read_volume
-    from ..data.preprocess import preprocess_volume
+    from ..run_folder import prepare_inputs, volume_paths
 
-    files: list[Path] = []
-    for item in paths:
-        p = Path(item)
-        files.extend((list_volume_paths(p) if p.is_dir() else []) or [p])
-    names, arrays, affines = [], [], []
-    for path in files:
-        try:
-            volume = preprocess_volume(
-                read_volume(path), run.geometry["recipe"], run.size, run.geometry["mode"], source=str(path)
-            )
-        except VolumeError as err:
-            print(f"skipped {err}", file=sys.stderr)
-            continue
-        names.append(path.name)
-        arrays.append(volume.array)
-        affines.append(volume.affine)
-    if not arrays:
+    prepared = list(prepare_inputs(volume_paths(paths), run.geometry["recipe"], run.size, run.geometry["mode"]))
+    if not prepared:
         raise HaganError("no usable volume among the inputs")
-    return names, np.stack(arrays), affines
+    return ([p.path.name for p in prepared], np.stack([p.cube.array for p in prepared]),
+            [p.cube.affine for p in prepared])
 
 
 def cmd_encode(args: argparse.Namespace) -> None:

@@ -15,6 +15,7 @@ from ..data.phantoms import RECIPE_FOR_KIND, write_phantom_dataset
 from ..data.preprocess import preprocess_folder
 from ..errors import HaganError
 from ..evaluation.metrics import pairwise_mean_abs_diff
+from ..run_folder import CURVES_FILE, SAMPLES_DIR
 from ..training.trainer import train
 from ..viz import three_plane_montage
 
@@ -57,7 +58,7 @@ def run_demo(
         f"done. phantom attributes: {attributes}\n"
         f"  generated NIfTI and montage: {out / 'generated'}\n"
         f"  real montage for comparison: {out / 'real_montage.png'}\n"
-        f"  training curves: {run_dir / 'curves.png'}; samples during training: {run_dir / 'samples'}\n"
+        f"  training curves: {run_dir / CURVES_FILE}; samples during training: {run_dir / SAMPLES_DIR}\n"
         f"  diversity (mean absolute difference between samples, [-1, 1] units): "
         f"generated {generated_diversity:.3f}, real {real_diversity:.3f}"
     )

@@ -34,7 +34,6 @@ from hagan.checks import read_json_object
 from hagan.data.cube import canonicalise, fit_to_cube
 from hagan.data.intensity import output_to_model_range
 from hagan.data.io import atomic_write, list_volume_paths, read_volume, write_json_atomic, write_text_atomic
-from hagan.data.preprocess import preprocess_volume
 from hagan.errors import HaganError, VolumeError
 from hagan.evaluation.embedding import embedding_figure
 from hagan.evaluation.features import PLANES, TorchExtractor, build_extractor
@@ -50,6 +49,7 @@ from hagan.evaluation.stats import (
     mmd,
     ms_ssim_scales,
 )
+from hagan.run_folder import CONFIG_FILE, GEOMETRY_FILE, prepare_volume
 from hagan.training.accel import resolve_device
 
 STATS_FORMAT = "hagan-eval-stats/1"
@@ -175,7 +175,7 @@ class RunSource(VolumeSource):
 
 
 def _is_run(path: Path) -> bool:
-    return path.is_dir() and (path / "config.yaml").is_file()
+    return path.is_dir() and (path / CONFIG_FILE).is_file()
 
 
 def _is_cache(path: Path) -> bool:
@@ -183,7 +183,7 @@ def _is_cache(path: Path) -> bool:
 
 
 def _read_geometry(folder: Path) -> dict:
-    path = folder / "geometry.json"
+    path = folder / GEOMETRY_FILE
     return read_json_object(path) if path.is_file() else {}
 
 
@@ -213,7 +213,7 @@ def protocol_size(real: Any, fake: Any, size: int | None = None) -> tuple[int, s
         edge = _read_geometry(Path(fake)).get("size") or load_run(fake, device="cpu").size
         fixed.append((int(edge), f"run {fake}"))
     elif (geometry := _read_geometry(Path(fake))).get("recipe") and geometry.get("size"):
-        fixed.append((int(geometry["size"]), f"{Path(fake) / 'geometry.json'}"))
+        fixed.append((int(geometry["size"]), f"{Path(fake) / GEOMETRY_FILE}"))
     if not _is_path(real):
         fixed.append((_array_size(real), "the real array"))
     elif _is_stats(real):
@@ -240,10 +240,9 @@ def protocol_size(real: Any, fake: Any, size: int | None = None) -> tuple[int, s
 def fit_volume(path: Path, recipe: str, size: int, mode: str) -> np.ndarray:
     """A volume file on the protocol's cube (``GRID_RULE``): the training preprocessing for ct and mri,
     reorientation and fitting only for recipe 'none' (values already in [-1, 1])."""
-    volume = read_volume(path)
     if recipe != "none":
-        return preprocess_volume(volume, recipe, size, mode, source=str(path)).array
-    canonical = canonicalise(volume)  # read_volume gives 3D arrays only
+        return prepare_volume(path, recipe, size, mode).array
+    canonical = canonicalise(read_volume(path))  # read_volume gives 3D arrays only
     if canonical.array.shape == (size,) * 3:
         return np.clip(canonical.array, -1, 1).astype(np.float32)
     cube, _ = fit_to_cube(canonical.array.astype(np.float32), canonical.affine, size, mode)
@@ -289,7 +288,7 @@ def open_fake(
                 raise VolumeError(p, f"shape {array.shape} differs from the first generated volume's {(edge,) * 3}")
             return output_to_model_range(array, generated_recipe)
 
-        info = {"recipe": generated_recipe, "recipe_from": "geometry.json", "fit": "hagan generate output units"}
+        info = {"recipe": generated_recipe, "recipe_from": GEOMETRY_FILE, "fit": "hagan generate output units"}
         return FileSource("folder", path, paths, load, edge, info), geometry
     fake_recipe = recipe
     if fake_recipe is None:

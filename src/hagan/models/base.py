@@ -109,9 +109,10 @@ class GenerativeModel(nn.Module, ABC):
         return None
 
     def generation_probe(self, n: int) -> Callable[[], object]:
-        """The forward pass that generates ``n`` volumes, for ``hagan bench``'s memory estimate on the meta
-        device; a model whose ``sample`` draws on a CPU generator or tiles overrides it."""
-        return lambda: self.sample(n, torch.Generator())
+        """The forward pass that generates ``n`` volumes (``decode`` of zero latents, which runs on the meta
+        device where drawing latents does not), for ``hagan bench``'s memory estimate."""
+        z = torch.zeros(n, self.config.model.latent_dim, device=self.device)
+        return lambda: self.decode(z)
 
     @property
     def parts(self) -> dict[str, nn.Module]:

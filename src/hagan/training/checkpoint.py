@@ -27,11 +27,8 @@ from torch import nn
 from ..checks import is_int, read_json_object, short_repr, short_text
 from ..data.io import display_path, fsync_path
 from ..errors import HaganError
+from ..run_folder import STATE, TRAINING_STATE, WEIGHTS, iteration_name, list_checkpoints
 
-WEIGHTS = "weights.safetensors"
-TRAINING_STATE = "training_state.safetensors"
-STATE = "state.json"
-PREFIX = "iter_"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
@@ -57,10 +54,6 @@ def clean_partial(directory: Path) -> list[Path]:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 removed.append(p)
     return removed
-
-
-def checkpoint_name(iteration: int) -> str:
-    return f"{PREFIX}{iteration:08d}"
 
 
 def _flatten_optimizer(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -144,7 +137,7 @@ def save_checkpoint(
 ) -> Path:
     """Write ``directory/iter_N`` atomically and prune all but the newest ``keep`` checkpoints."""
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / checkpoint_name(iteration)
+    final = directory / iteration_name(iteration)
     tmp = directory / f"{TMP_PREFIX}{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -177,15 +170,6 @@ def save_checkpoint(
     for old in list_checkpoints(directory)[:-keep]:
         _discard(old)
     return final
-
-
-def list_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    if not directory.is_dir():
-        return []
-    found = [p for p in directory.glob(f"{PREFIX}*")
-             if p.is_dir() and all((p / name).is_file() for name in (STATE, WEIGHTS, TRAINING_STATE))]
-    return sorted(found, key=lambda p: p.name)
 
 
 def is_pickle_file(path: Path) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import signal
@@ -15,84 +14,35 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..checks import affine_problem, is_int, read_json_object, short_repr, short_text
+from ..checks import short_text
 from ..config import Config, check_world_size, save_yaml
 from ..data.augment import VolumeAugment
-from ..data.cube import FIT_MODES
 from ..data.dataset import CachedVolumeDataset, infinite_loader
-from ..data.intensity import RECIPES
-from ..data.io import display_path, write_json_atomic, write_text_atomic
+from ..data.io import display_path, write_json_atomic
 from ..errors import HaganError
 from ..models import build_model, model_spec
 from ..models.base import DivergenceError
+from ..run_folder import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    CURVES_FILE,
+    GEOMETRY_FILE,
+    SAMPLES_DIR,
+    STATE,
+    TENSORBOARD_DIR,
+    append_scalars,
+    iteration_name,
+    list_checkpoints,
+    read_scalars,
+    truncate_scalars,
+)
 from ..viz import label_display, montage_grid, montage_tensor, plot_curves, three_plane_montage
 from . import accel
-from .checkpoint import STATE, clean_partial, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import clean_partial, load_checkpoint, save_checkpoint
 from .distributed import DistContext, device_for, env_world_size, from_env
 
-CONFIG_FILE = "config.yaml"
-GEOMETRY_FILE = "geometry.json"
-SCALARS_FILE = "scalars.jsonl"
 SAMPLE_SEED = 1234
 SAMPLES_SHOWN = 4
-
-
-GEOMETRY_KEYS = ("reference_affine", "recipe", "mode", "size", "num_classes")
-
-
-def read_geometry(path: Path) -> dict[str, Any]:
-    """A run's ``geometry.json`` (the training data's affine, intensity recipe, fit mode, size and
-    classes), every field checked, since generated volumes are written with them."""
-    geometry = read_json_object(path)
-    where = display_path(path)
-    missing = [key for key in GEOMETRY_KEYS if key not in geometry]
-    if missing:
-        raise HaganError(f"{where}: lacks {', '.join(missing)}; not the geometry of a hagan run")
-    problem = affine_problem(geometry["reference_affine"])
-    if problem:
-        raise HaganError(f"{where}: reference_affine {problem}")
-    if not isinstance(geometry["recipe"], str) or geometry["recipe"] not in RECIPES:
-        raise HaganError(f"{where}: recipe must be one of {', '.join(RECIPES)}, got {short_repr(geometry['recipe'])}")
-    if geometry["mode"] not in FIT_MODES:
-        raise HaganError(f"{where}: mode must be one of {', '.join(FIT_MODES)}, got {short_repr(geometry['mode'])}")
-    for key, low in (("size", 1), ("num_classes", 0)):
-        if not is_int(geometry[key]) or geometry[key] < low:
-            raise HaganError(f"{where}: {key} must be an integer >= {low}, got {short_repr(geometry[key])}")
-    return geometry
-
-
-def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """The logged scalars of a run, by name, as (iteration, value) pairs."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    path = Path(run_dir) / SCALARS_FILE
-    if path.is_file():
-        for record in _scalar_records(path):
-            for key, value in record.items():
-                if key != "iteration":
-                    series.setdefault(key, []).append((record["iteration"], value))
-    return series
-
-
-def _scalar_records(path: Path) -> list[dict[str, Any]]:
-    """Complete records only: a run killed mid-write may leave a truncated last line."""
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("iteration"), int):
-            records.append(record)
-    return records
-
-
-def truncate_scalars(run_dir: Path, iteration: int) -> None:
-    """Drop logged records after ``iteration`` (those a resumed or rolled-back run logs again)."""
-    path = Path(run_dir) / SCALARS_FILE
-    if not path.is_file():
-        return
-    kept = [r for r in _scalar_records(path) if r["iteration"] <= iteration]
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class StopRequested:
@@ -239,7 +189,7 @@ class Trainer:
     # ----- checkpoints -------------------------------------------------------------------------
     @property
     def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+        return self.run_dir / CHECKPOINTS_DIR
 
     def _latest_checkpoint_name(self, clean: bool = False) -> str | None:
         """Rank 0 decides which checkpoint every rank restores."""
@@ -360,7 +310,7 @@ class Trainer:
         else:
             volumes, segmentations = self.model.sample(SAMPLES_SHOWN, rng, labels).float().cpu(), None
         self.model.train()
-        path = self.run_dir / "samples" / f"iter_{iteration:08d}.png"
+        path = self.run_dir / SAMPLES_DIR / f"{iteration_name(iteration)}.png"
         shown, titles = [v[0].numpy() for v in volumes], None
         if segmentations is not None:
             maps = label_display(segmentations[:, 0].numpy(), self.model.segmentation_labels)
@@ -388,8 +338,7 @@ class Trainer:
         value = tracker(lambda n: self.model.sample(n, rng, labels).float().cpu())
         self.model.train()
         writer.add_scalar("eval/kid", value, iteration)
-        with open(self.run_dir / SCALARS_FILE, "a") as scalars_file:
-            scalars_file.write(json.dumps({"iteration": iteration, "eval/kid": value}) + "\n")
+        append_scalars(self.run_dir, {"iteration": iteration, "eval/kid": value})
 
     def _read_logs(self, logs: dict[str, torch.Tensor | float]) -> dict[str, float]:
         """The iteration's scalars (device tensors or numbers) as rank-averaged numbers, in one read from
@@ -431,7 +380,7 @@ class Trainer:
             return None
         from torch.utils.tensorboard import SummaryWriter
 
-        return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
+        return SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=purge_step)
 
     def fit(self) -> Path:
         """Train until ``train.iterations`` (or ``train.max_minutes``); returns the run folder.
@@ -496,8 +445,7 @@ class Trainer:
                         logs["speed/it_per_s"] = (iteration - self.start_iteration) / (time.perf_counter() - started)
                         for key, value in logs.items():
                             writer.add_scalar(key, value, iteration)
-                        with open(self.run_dir / SCALARS_FILE, "a") as scalars_file:
-                            scalars_file.write(json.dumps({"iteration": iteration, **logs}) + "\n")
+                        append_scalars(self.run_dir, {"iteration": iteration, **logs})
                     if main and iteration % t.sample_every == 0:
                         self.write_samples(iteration, writer)
                     if kid_tracker is not None and iteration % t.eval_every == 0:
@@ -526,7 +474,7 @@ class Trainer:
         if main:
             curves = read_scalars(self.run_dir)
             if curves:
-                plot_curves(curves, self.run_dir / "curves.png", title=f"{self.run_dir.name}: training curves")
+                plot_curves(curves, self.run_dir / CURVES_FILE, title=f"{self.run_dir.name}: training curves")
         return self.run_dir
 
 

@@ -43,8 +43,8 @@ from ...config import Config, build_config, save_yaml
 from ...data.cube import canonical_affine
 from ...data.io import display_path, write_json_atomic
 from ...errors import HaganError
+from ...run_folder import CHECKPOINTS_DIR, CONFIG_FILE, GEOMETRY_FILE
 from ...training.checkpoint import check_finite, save_checkpoint
-from ...training.trainer import CONFIG_FILE, GEOMETRY_FILE
 from .. import build_model
 
 SIZE = 256
@@ -294,7 +294,7 @@ def import_official(folder: str | os.PathLike, out: str | os.PathLike, dataset: 
     tmp = out.with_name(f".{out.name}.import-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_checkpoint(tmp / "checkpoints", iteration, model, {}, torch.Generator().manual_seed(0),
+        save_checkpoint(tmp / CHECKPOINTS_DIR, iteration, model, {}, torch.Generator().manual_seed(0),
                         {"imported": imported}, keep=1)
         save_yaml(config, tmp / CONFIG_FILE)
         write_json_atomic(tmp / GEOMETRY_FILE, {

@@ -16,27 +16,17 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-from tqdm import tqdm
 
 from ...api import Run, load_run, to_output_intensity
 from ...checks import positive_int
 from ...config import PRECISIONS
 from ...data.intensity import RECIPES
-from ...data.io import Volume, display_path, list_volume_paths, read_volume, volume_stem, write_volume
-from ...data.preprocess import preprocess_volume
+from ...data.io import Volume, display_path, read_volume, volume_stem, write_volume
 from ...errors import HaganError, VolumeError
+from ...run_folder import GEOMETRY_FILE, prepare_inputs, volume_paths
 from ...viz import three_plane_montage
 
 MONTAGE_VOLUMES = 4
-
-
-def expand_paths(items: Sequence[str | Path]) -> list[Path]:
-    """Files as given, folders as the volumes inside them (sorted)."""
-    paths: list[Path] = []
-    for item in items:
-        path = Path(item)
-        paths.extend(list_volume_paths(path) if path.is_dir() else [path])
-    return paths
 
 
 def labels_on_cube(labels: Volume, cube: Volume) -> np.ndarray:
@@ -66,20 +56,19 @@ def translate_files(
                          "train one with --model patch")
     for key in ("recipe", "mode"):
         if key not in run.geometry:
-            raise HaganError(f"{run.run_dir}: geometry.json lacks {key!r}, so inputs cannot be prepared as the "
+            raise HaganError(f"{run.run_dir}: {GEOMETRY_FILE} lacks {key!r}, so inputs cannot be prepared as the "
                              "training data were")
     recipe = recipe or run.geometry["recipe"]
     if recipe not in RECIPES:
         raise HaganError(f"--recipe must be one of {', '.join(sorted(RECIPES))}, got {recipe!r}")
-    paths = expand_paths(inputs)
-    label_paths = expand_paths(labels) if labels else None
+    paths = volume_paths(inputs)
+    label_paths = volume_paths(labels) if labels else None
     if label_paths is not None and len(label_paths) != len(paths):
         raise HaganError(f"--labels gives {len(label_paths)} label maps for {len(paths)} volumes; give one per volume")
     out = Path(out_dir)
     written, shown = [], []
-    for i, path in enumerate(tqdm(paths, desc="translate", unit="vol", disable=not progress)):
+    for i, path, cube in prepare_inputs(paths, recipe, run.size, run.geometry["mode"], progress, desc="translate"):
         try:
-            cube = preprocess_volume(read_volume(path), recipe, run.size, run.geometry["mode"], source=str(path))
             label_map = labels_on_cube(read_volume(label_paths[i]), cube) if label_paths else None
         except VolumeError as err:
             print(f"skipped {err}", file=sys.stderr)
