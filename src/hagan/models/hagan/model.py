@@ -436,7 +436,7 @@ class HAGAN(GenerativeModel):
 
     def compiled_modules(self) -> list[nn.Module]:
         """R1 and WGAN-GP differentiate the discriminators twice, which compiled graphs do not support."""
-        twice = self.config.hagan.r1_gamma > 0 or self.config.hagan.r1_per_voxel > 0 or self.config.hagan.kind == "wgan-gp"
+        twice = self.config.hagan.r1_gamma > 0 or self.config.hagan.r1_per_voxel > 0 or self.config.hagan.loss == "wgan-gp"
         modules = [self.common, self.low_gen, self.high_gen, self.slab_encoder, self.global_encoder]
         if not twice:
             modules += [self.high_disc, self.low_disc]
