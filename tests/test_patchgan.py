@@ -304,7 +304,10 @@ def test_resumed_training_matches_straight_training_and_translates_from_the_cli(
     assert state["extra"]["stage_iterations"] == {"lr": 1, "hr1": 1, "seed": 2}
     run = load_run(resumed, device="cpu")
     generated = run.generate(2, seed=0)
-    assert generated.shape == (2, 32, 32, 32) and np.abs(generated).max() <= 1
+    # the generators end in tanh, so the range is given; that the seed decides the volumes is not
+    assert generated.shape == (2, 32, 32, 32) and generated.dtype == np.float32 and np.isfinite(generated).all()
+    assert np.array_equal(run.generate(2, seed=0), generated)
+    assert not np.allclose(run.generate(2, seed=1), generated) and not np.allclose(generated[0], generated[1])
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
