@@ -18,7 +18,7 @@ from hagan.data.augment import VolumeAugment
 from hagan.errors import HaganError
 from hagan.evaluation.bench import meta_model, param_counts
 from hagan.models import build_model
-from hagan.models.hagan.networks import Float32SpectralNorm, spectral_norm
+from hagan.models.layers import Float32SpectralNorm, spectral_norm
 from hagan.training import accel
 from hagan.training.accel import resolve_precision
 from hagan.training.trainer import Trainer

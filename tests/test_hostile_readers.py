@@ -21,7 +21,7 @@ import pydicom
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_hostile_input import LAST_GUARD, fuzz, nifti_bytes, read_error
+from test_hostile_input import LAST_GUARD, fuzz, read_error
 from test_io import dicom_image, write_dicom_series
 from test_preprocess import head_phantom, lps_affine
 

@@ -241,7 +241,7 @@ def test_train_latent_is_this_ranks_shard_of_the_global_batch():
 
 
 def test_minibatch_stddev_tells_a_collapsed_batch_from_a_varied_one():
-    from hagan.models.hagan.networks import minibatch_stddev
+    from hagan.models.layers import minibatch_stddev
 
     same = torch.ones(4, 3, 2, 2, 2)
     varied = torch.randn(4, 3, 2, 2, 2, generator=torch.Generator().manual_seed(0))

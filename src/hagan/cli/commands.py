@@ -87,7 +87,7 @@ def cmd_phantoms(args: argparse.Namespace) -> None:
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
     from ..data.preprocess import preprocess_folder
-    from ..models.hagan.networks import SUPPORTED_SIZES
+    from ..models.layers import SUPPORTED_SIZES
 
     # a cache is for training, so refuse up front a size no model trains at (the Python API also
     # takes small sizes, for tests and feature extraction)

@@ -70,9 +70,9 @@ class GenerativeModel(nn.Module, ABC):
     def train_step(self, batch: dict[str, Tensor], iteration: int, rng: torch.Generator) -> dict[str, float]:
         """One full training iteration; returns the scalars to log."""
 
-    @abstractmethod
     def sample(self, n: int, rng: torch.Generator, labels: Tensor | None = None) -> Tensor:
-        """``n`` full-resolution volumes (n, 1, S, S, S) in [-1, 1]."""
+        """``n`` full-resolution volumes (n, 1, S, S, S) in [-1, 1]: ``decode`` of latents from the prior."""
+        return self.decode(self.latent(n, rng), labels)
 
     @abstractmethod
     def decode(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -92,7 +92,7 @@ class GenerativeModel(nn.Module, ABC):
 
     def sample_with_segmentation(self, n: int, rng: torch.Generator) -> tuple[Tensor, Tensor]:
         """``sample`` and the label maps generated with it (see ``segmentation_labels``)."""
-        raise HaganError(f"model {self.config.model.name!r} generates no label maps")
+        return self.decode_with_segmentation(self.latent(n, rng))
 
     @property
     def keeps_moving_average(self) -> bool:

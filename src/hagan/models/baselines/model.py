@@ -27,7 +27,7 @@ from ...config import Config
 from ...errors import HaganError
 from ...training.losses import wasserstein_critic_loss
 from ..base import GenerativeModel
-from ..hagan.networks import LEAK, Upsample, scaled
+from ..layers import LEAK, Upsample, scaled
 
 BASE_SIZE = 4
 GENERATOR_LAST_CHANNELS = 64
@@ -218,9 +218,6 @@ class Baseline(GenerativeModel):
             raise ValueError(f"{self.config.model.name} is unconditional: pass no class labels")
         with self.autocast():
             return self.generator(z.to(self.device)).float()
-
-    def sample(self, n: int, rng: torch.Generator, labels: Tensor | None = None) -> Tensor:
-        return self.decode(self.latent(n, rng), labels)
 
     def checked_volumes(self, volumes: Tensor) -> Tensor:
         expected = (1, self.size, self.size, self.size)

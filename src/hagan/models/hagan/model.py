@@ -14,7 +14,13 @@ from torch import Tensor, nn
 
 from ...config import Config
 from ...data.augment import AdaptiveAugmentStrength, diff_augment
-from ...training.losses import discriminator_loss, generator_loss, gradient_penalty, latent_moment_penalty, r1_penalty
+from ...training.losses import (
+    discriminator_loss,
+    generator_loss,
+    gradient_penalty,
+    latent_moment_penalty,
+    r1_penalty,
+)
 from ..base import GenerativeModel, adam
 from .networks import (
     CommonGenerator,
@@ -505,9 +511,6 @@ class HAGAN(GenerativeModel):
             raise ValueError("this model was trained without the low-resolution branch")
         with self.autocast():
             return low_gen(common(z.to(self.device), self.onehot(labels))).float()
-
-    def sample(self, n: int, rng: torch.Generator, labels: Tensor | None = None) -> Tensor:
-        return self.decode(self.latent(n, rng), labels)
 
     def decode_bytes(self) -> int:
         """Working memory of decoding one volume, for choosing a batch, per output voxel and G^H channel as

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hagan.models.hagan.networks import HighResGenerator, Upsample
+from hagan.models.hagan.networks import HighResGenerator
+from hagan.models.layers import Upsample
 
 STRUCTURE = "expected high_gen.body = Upsample, (Conv3d, GroupNorm, ReLU), Upsample, Conv3d, Tanh"
 

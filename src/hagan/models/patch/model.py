@@ -482,9 +482,6 @@ class MultiScalePatchGAN(GenerativeModel):
         out = [_last(self.cascade(sketch_at, seed)) for seed in self.seed_images(z)]
         return torch.from_numpy(np.stack(out))[:, None]
 
-    def sample(self, n: int, rng: torch.Generator, labels: Tensor | None = None) -> Tensor:
-        return self.decode(self.latent(n, rng), labels)
-
 
 def _last(stages: Iterator[tuple[str, np.ndarray]]) -> np.ndarray:
     image = None

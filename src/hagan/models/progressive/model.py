@@ -292,12 +292,6 @@ class ProgressiveGAN(GenerativeModel):
         x = self.decode_channels(z)
         return x[:, :1], channels_to_labels(x[:, 1:])
 
-    def sample(self, n: int, rng: torch.Generator, labels: Tensor | None = None) -> Tensor:
-        return self.decode(self.latent(n, rng), labels)
-
-    def sample_with_segmentation(self, n: int, rng: torch.Generator) -> tuple[Tensor, Tensor]:
-        return self.decode_with_segmentation(self.latent(n, rng))
-
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
         """Latents (n, latent_dim) of images in [-1, 1]: volumes (n, 1, S, S, S) for a 3D model; for a

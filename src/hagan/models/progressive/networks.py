@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..hagan.networks import minibatch_stddev
+from ..layers import minibatch_stddev
 
 BASE_SIZE = 4
 LEAK = 0.2
