@@ -19,7 +19,6 @@ from hagan.data.io import display_path
 from hagan.errors import HaganError
 
 CACHE_FORMAT = "hagan-cache/1"
-CACHE_FORMAT = "hagan-cache/1"
 
 
 def load_manifest(cache_dir: str | os.PathLike) -> dict:
