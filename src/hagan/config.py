@@ -236,7 +236,7 @@ def parse_yaml(text: str) -> Any:
 def parse_assignment(text: str) -> dict[str, Any]:
     """``section.key=value`` from the command line, the value parsed as YAML (so 1e-4, true, 128 work)."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise HaganError(f"--set {short_repr(text)}: expected section.key=value, e.g. loss.r1_gamma=1.0")
+        raise HaganError(f"--set {short_repr(text)}: expected section.key=value, e.g. hagan.r1_gamma=1.0")
     path, raw = text.split("=", 1)
     section, key = path.split(".", 1)
     try:
