@@ -34,7 +34,7 @@ VARIANTS = {
     "fp32-compile": {"train": {"precision": "fp32", "compile": True}},
     "bf16-compile-graphs": {"train": {"precision": "bf16", "compile": True}},
     "fp32-compile-graphs": {"train": {"precision": "fp32", "compile": True}},
-    "bf16-recompute": {"train": {"precision": "bf16", "recompute_activations": True}},
+    "bf16-recompute": {"train": {"precision": "bf16"}, "hagan": {"recompute_activations": True}},
 }
 # environment of the benchmark's child processes per variant: Inductor replays its kernels as CUDA graphs
 VARIANT_ENV = {"bf16-compile-graphs": {"TORCHINDUCTOR_CUDAGRAPHS": "1"},
@@ -71,7 +71,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--generate-batch", type=int, default=1)
     p.add_argument("--tile-depth", type=int, default=0)
-    p.add_argument("--preset-overrides", default="", help="extra JSON config overrides, e.g. '{\"loss\": {\"r1_gamma\": 0}}'")
+    p.add_argument("--preset-overrides", default="", help="extra JSON config overrides, e.g. '{\"hagan\": {\"r1_gamma\": 0}}'")
     p.add_argument("--max-seconds", type=float, default=0.0,
                    help="per-phase time guard (0: none; on a GPU the first iteration includes cuDNN autotuning "
                         "and overpredicts, which skipped a 128^3 row once)")

@@ -32,7 +32,7 @@ VARIANTS = {
 
 
 def model_for(size: int, variant: str, width: float):
-    config = build_config("paper-128", None, [{"model": {"size": size, "width": width, **VARIANTS[variant]},
+    config = build_config("paper-128", None, [{"model": {"size": size, "width": width}, "hagan": VARIANTS[variant],
                                                "train": {"device": "cpu"}}])
     torch.manual_seed(0)
     return build_model(config)

@@ -36,7 +36,7 @@ from hagan.viz import montage_grid, three_plane_montage
 CONFIGS: dict[str, tuple[str, dict]] = {
     "paper": ("paper-128", {}),
     "small-data": ("small-data-128", {}),
-    "small-data-wgan": ("small-data-128", {"loss": {"kind": "wgan-gp", "r1_gamma": 0.0}, "model": {"minibatch_std": True}}),
+    "small-data-wgan": ("small-data-128", {"hagan": {"loss": "wgan-gp", "r1_gamma": 0.0, "minibatch_std": True}}),
 }
 
 
