@@ -1,5 +1,5 @@
 """The registry of models: each model's ``section`` module describes it (:class:`~hagan.models.spec.ModelSpec`:
-class, config section, presets, default preset, divergence hint) without importing torch, so that
+class, config section, default preset, divergence hint) and holds its presets without importing torch, so that
 ``hagan.config`` builds its sections and presets from here. A new model is one folder and one entry in
 ``SECTION_MODULES``.
 """

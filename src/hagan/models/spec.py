@@ -1,5 +1,5 @@
 """What the rest of hagan knows of a model without importing it (or torch): a name, where its class
-lives, its config section and presets, and what to try when its training diverges."""
+lives, its config section and default preset, and what to try when its training diverges."""
 
 from __future__ import annotations
 
