@@ -13,7 +13,8 @@ from hagan.cli.commands import main
 from hagan.config import build_config
 from hagan.errors import HaganError
 from hagan.models import build_model
-from hagan.models.baselines.model import VAEGAN, WGANGP, AlphaGAN, wasserstein_critic_loss
+from hagan.models.baselines.model import VAEGAN, WGANGP, AlphaGAN
+from hagan.training.losses import wasserstein_critic_loss
 
 TINY_FLAGS = ["--set", "model.width=0.125", "--set", "model.latent_dim=16", "--set", "train.sample_every=2",
               "--set", "train.checkpoint_every=2", "--set", "train.log_every=1"]
