@@ -227,7 +227,7 @@ def test_reconstruction_trains_the_generator_through_frozen_encoders():
     logs = {}
     for model in (without, with_recon):
         before = {name: params(getattr(model, name)) for name in ("common", "high_gen", "slab_encoder", "global_encoder")}
-        logs[model] = model.generator_step(step_inputs(model, batch()["image"], 1), torch.Generator().manual_seed(0))
+        logs[model] = model._generator_phase(step_inputs(model, batch()["image"], 1), torch.Generator().manual_seed(0))
         assert not moved(model.slab_encoder, before["slab_encoder"])
         assert not moved(model.global_encoder, before["global_encoder"])
         assert moved(model.common, before["common"]) == (model is with_recon)

@@ -384,8 +384,6 @@ class HAGAN(GenerativeModel):
         self.update("G", g_loss)
         return logs
 
-    generator_step = _generator_phase  # the public name callers outside the class use for G's phase
-
     def _slab_encoder_phase(self, step: StepInputs) -> dict[str, Tensor | float]:
         """E^H minimises the L1 between the real slab and its reconstruction through frozen G^H (eq. 6)."""
         self.train_only(self.slab_encoder)
