@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import minibatch_stddev
+from ..layers import LEAK, minibatch_stddev
 
 BASE_SIZE = 4
-LEAK = 0.2
 PIXEL_NORM_EPS = 1e-8
 HE_GAIN = math.sqrt(2.0)
 
