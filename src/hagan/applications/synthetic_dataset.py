@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..api import Run, load_run, to_output_intensity
+from ..api import Run, load_run
 from ..checks import require_count
+from ..data.intensity import to_output_intensity
 from ..errors import HaganError
 
 UNITS = ("model", "output")

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from ...api import Run, load_run, to_output_intensity
+from ...api import Run, load_run
 from ...checks import positive_int
 from ...config import PRECISIONS
-from ...data.intensity import RECIPES
+from ...data.intensity import RECIPES, to_output_intensity
 from ...data.io import Volume, display_path, read_volume, volume_stem, write_volume
 from ...errors import HaganError, VolumeError
 from ...run_folder import GEOMETRY_FILE, prepare_inputs, volume_paths
