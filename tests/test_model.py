@@ -102,7 +102,7 @@ def test_start_is_uniform_over_all_positions_and_deterministic_mode_cycles():
     rng = torch.Generator().manual_seed(0)
     seen = {model.sample_start(i, rng) for i in range(400)}
     assert seen == set(range(model.max_start + 1))
-    det = tiny_model(model={"r_sampling": "deterministic"})
+    det = tiny_model(hagan={"r_sampling": "deterministic"})
     assert [det.sample_start(i, rng) for i in range(9)] == [0, 1, 2, 3, 4, 5, 6, 7, 0]
 
 
@@ -133,12 +133,12 @@ def test_generated_volumes_have_full_size_and_follow_the_seed():
 @pytest.mark.parametrize(
     "changes",
     [
-        {"model": {"low_res_branch": False}},
-        {"model": {"encoder": False}},
+        {"hagan": {"low_res_branch": False}},
+        {"hagan": {"encoder": False}},
         {"model": {"num_classes": 3}},
-        {"loss": {"kind": "wgan-gp"}},
-        {"model": {"minibatch_std": True}},
-        {"loss": {"r1_gamma": 1.0, "diffaug": "translation,cutout,brightness,contrast", "ada_target": 0.6}},
+        {"hagan": {"loss": "wgan-gp"}},
+        {"hagan": {"minibatch_std": True}},
+        {"hagan": {"r1_gamma": 1.0, "diffaug": "translation,cutout,brightness,contrast", "ada_target": 0.6}},
     ],
 )
 def test_variants_train(changes):
@@ -146,9 +146,9 @@ def test_variants_train(changes):
     labels = [0, 2] if model.num_classes else None
     logs = model.train_step(batch(labels=labels), 0, torch.Generator().manual_seed(0))
     assert {"loss/D_adv", "loss/G_adv"} <= logs.keys() and all_finite(logs), logs
-    if not changes.get("model", {}).get("low_res_branch", True):
+    if not changes.get("hagan", {}).get("low_res_branch", True):
         assert model.low_gen is None and model.low_disc is None
-    if not changes.get("model", {}).get("encoder", True):
+    if not changes.get("hagan", {}).get("encoder", True):
         assert "loss/E_H" not in logs
     if model.num_classes:
         assert "loss/D_class" in logs and "loss/G_class" in logs
@@ -248,7 +248,7 @@ def test_minibatch_stddev_tells_a_collapsed_batch_from_a_varied_one():
     assert minibatch_stddev(same).shape == (4, 4, 2, 2, 2)
     assert float(minibatch_stddev(same)[:, -1].abs().max()) == 0.0
     assert float(minibatch_stddev(varied)[:, -1].min()) > 0.5
-    model = tiny_model(model={"minibatch_std": True})
+    model = tiny_model(hagan={"minibatch_std": True})
     r = model.normalised_start(0)
     slab = torch.zeros(2, 1, 4, 32, 32)
     low = torch.zeros(2, 1, 8, 8, 8)
