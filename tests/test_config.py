@@ -51,8 +51,8 @@ def test_yaml_round_trip(tmp_path):
         ({"model": {"size": "64"}}, "model.size must be int"),
         ({"model": {"size": 96}}, "power of two"),
         ({"optim": {"batch_size": 0}}, "optim.batch_size must be at least 1"),
-        ({"loss": {"kind": "hinge"}}, "hagan.loss"),
-        ({"model": {"encoder": 1}}, "hagan.encoder must be bool"),
+        ({"hagan": {"loss": "hinge"}}, "hagan.loss"),
+        ({"hagan": {"encoder": 1}}, "hagan.encoder must be bool"),
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(values, message):
