@@ -24,10 +24,10 @@ from hagan.training.trainer import Trainer
 TINY = {"size": 32, "width": 0.125, "latent_dim": 16}
 CONFIGS = {
     # compared with one process: R1 (double backward through both discriminators), encoders, random r
-    "exact": [{"loss": {"r1_gamma": 1.0}}],
+    "exact": [{"hagan": {"r1_gamma": 1.0}}],
     # per-rank DiffAugment streams, ADA fed with the gathered logits, WGAN-GP: ranks must stay identical
-    "streams": [{"loss": {"kind": "wgan-gp", "diffaug": "translation,cutout,brightness,contrast",
-                          "ada_target": 0.6, "ada_kimg": 0.001}}],
+    "streams": [{"hagan": {"loss": "wgan-gp", "diffaug": "translation,cutout,brightness,contrast",
+                           "ada_target": 0.6, "ada_kimg": 0.001}}],
 }
 GLOBAL_BATCH = 4
 
