@@ -12,7 +12,7 @@ step_cost = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(step_cost)
 
 MAX_SYNCS = 2  # the slab start, and ADA's statistic every 4th iteration
-ADA = {"loss": {"diffaug": "translation,cutout", "ada_target": 0.6, "r1_gamma": 1.0}}
+ADA = {"hagan": {"diffaug": "translation,cutout", "ada_target": 0.6, "r1_gamma": 1.0}}
 
 
 @pytest.mark.parametrize("preset, overrides", [
@@ -21,7 +21,7 @@ ADA = {"loss": {"diffaug": "translation,cutout", "ada_target": 0.6, "r1_gamma": 
     ("small-data-128", []),
     ("demo", []),
     ("paper-128", [ADA]),
-    ("paper-128", [{"model": {"num_classes": 3}, "loss": {"r1_per_voxel": 1e-4, "r1_every": 2}}]),
+    ("paper-128", [{"model": {"num_classes": 3}, "hagan": {"r1_per_voxel": 1e-4, "r1_every": 2}}]),
 ])
 def test_a_training_iteration_reads_back_at_most_twice(preset, overrides):
     cost = step_cost.step_cost(preset, 32, width=0.125, batch=2, iterations=4, overrides=overrides)
@@ -49,7 +49,7 @@ def test_recomputing_high_res_activations_gives_the_same_step_in_less_memory():
     weights, peaks = [], []
     for recompute in (False, True):
         model = step_cost.build("paper-128", 64, 0.25, 2, [{"model": {"latent_dim": 16},
-                                                            "train": {"recompute_activations": recompute}}])
+                                                            "hagan": {"recompute_activations": recompute}}])
         assert model.high_gen.recompute is recompute
         rng = torch.Generator().manual_seed(0)
         model.train_step(dict(data), 0, rng)
