@@ -28,7 +28,7 @@ TINY = {"size": 32, "width": 0.125, "latent_dim": 16}  # trainers and runs
 
 
 def build(model=SMALL, precision="fp32", seed=0, **sections):
-    """A HAGAN with seeded initial weights; ``sections`` are more config sections (loss=..., train=...)."""
+    """A HAGAN with seeded initial weights; ``sections`` are more config sections (hagan=..., train=...)."""
     overrides = [{"model": model}, {"optim": {"batch_size": 2}}, {"train": {"precision": precision}}]
     overrides += [{name: values} for name, values in sections.items()]
     torch.manual_seed(seed)
@@ -229,13 +229,13 @@ def test_every_spectral_norm_in_hagan_is_float32():
 # ----- 4. what train.compile compiles -----------------------------------------------------------------
 @pytest.mark.parametrize("loss, discriminators", [
     ({}, True),
-    ({"kind": "bce", "r1_gamma": 0.0}, True),
+    ({"loss": "bce", "r1_gamma": 0.0}, True),
     ({"r1_gamma": 1.0}, False),
-    ({"kind": "wgan-gp"}, False),
-    ({"kind": "wgan-gp", "r1_gamma": 0.5}, False),
+    ({"loss": "wgan-gp"}, False),
+    ({"loss": "wgan-gp", "r1_gamma": 0.5}, False),
 ])
 def test_compiled_modules_leave_out_twice_differentiated_discriminators(loss, discriminators):
-    model = build(TINY, loss=loss)
+    model = build(TINY, hagan=loss)
     modules = model.compiled_modules()
     ids = [id(m) for m in modules]
     assert len(ids) == len(set(ids)) and all(m is not None for m in modules)
@@ -247,14 +247,14 @@ def test_compiled_modules_leave_out_twice_differentiated_discriminators(loss, di
 
 
 def test_compiled_modules_skip_absent_branches():
-    model = build({**TINY, "low_res_branch": False, "encoder": False})
+    model = build(TINY, hagan={"low_res_branch": False, "encoder": False})
     assert [id(m) for m in model.compiled_modules()] == [id(model.common), id(model.high_gen), id(model.high_disc)]
 
 
 def test_accelerate_compiles_exactly_the_compiled_modules(monkeypatch):
     calls = []
     monkeypatch.setattr(nn.Module, "compile", lambda self, *args, **kwargs: calls.append(self))
-    model = build(TINY, loss={"r1_gamma": 1.0}, train={"compile": True, "channels_last": True})
+    model = build(TINY, hagan={"r1_gamma": 1.0}, train={"compile": True, "channels_last": True})
     assert model.accelerate() is model
     assert [id(m) for m in calls] == [id(m) for m in model.compiled_modules()]
     # channels-last is a CUDA layout: on the CPU the weights stay contiguous
@@ -355,7 +355,7 @@ def test_paper_512_preset():
 def test_one_training_step_and_tiled_decode_at_512():
     config = build_config("paper-512", None, [{
         "model": {"width": 1 / 64, "latent_dim": 16}, "optim": {"batch_size": 1},
-        "loss": {"r1_gamma": 0.0}, "train": {"precision": "fp32"}}])
+        "hagan": {"r1_gamma": 0.0}, "train": {"precision": "fp32"}}])
     torch.manual_seed(0)
     model = build_model(config)
     assert model.high_gen.body[1][0].out_channels == 8  # the minimum channels
