@@ -54,7 +54,7 @@ def assert_slabs_match_full_volume(model, z):
 @pytest.mark.parametrize("upsample", ["nearest", "trilinear"])
 @pytest.mark.parametrize("size", [32, 64])
 def test_consistent_slabs_equal_full_generation_at_every_start_before_and_after_training(size, upsample):
-    model = tiny_model(size, model={"consistent_slabs": True, "upsample": upsample})
+    model = tiny_model(size, hagan={"consistent_slabs": True, "upsample": upsample})
     z = torch.randn(2, 16, generator=torch.Generator().manual_seed(5))
     assert_slabs_match_full_volume(model, z)
     rng = torch.Generator().manual_seed(0)
@@ -72,7 +72,7 @@ def test_paper_slabs_differ_from_full_generation():
 
 
 def test_consistent_generator_has_the_papers_parameter_count():
-    paper, consistent = tiny_model(64), tiny_model(64, model={"consistent_slabs": True})
+    paper, consistent = tiny_model(64), tiny_model(64, hagan={"consistent_slabs": True})
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(consistent.high_gen) == count(paper.high_gen)
     assert paper.state_dict().keys() == consistent.state_dict().keys()
@@ -80,17 +80,17 @@ def test_consistent_generator_has_the_papers_parameter_count():
 
 # ----- moving average of G -------------------------------------------------------------------------
 def test_ema_half_life_is_counted_in_images():
-    model = tiny_model(train={"ema_kimg": 0.008, "ema_rampup": 0.0}, optim={"batch_size": 4})
+    model = tiny_model(hagan={"ema_kimg": 0.008, "ema_rampup": 0.0}, optim={"batch_size": 4})
     # a half-life of 8 images is two updates of batch 4
     assert model.ema_beta(0) ** 2 == pytest.approx(0.5)
-    ramped = tiny_model(train={"ema_kimg": 10.0, "ema_rampup": 0.5}, optim={"batch_size": 4})
+    ramped = tiny_model(hagan={"ema_kimg": 10.0, "ema_rampup": 0.5}, optim={"batch_size": 4})
     # early on the half-life is half the images seen: 2 images at the first update, 200 at the 100th
     assert ramped.ema_beta(0) == pytest.approx(0.5 ** (4 / 2))
     assert ramped.ema_beta(99) == pytest.approx(0.5 ** (4 / 200))
 
 
 def test_ema_follows_the_generator_and_is_what_sampling_uses():
-    model = tiny_model(train={"ema_kimg": 0.008, "ema_rampup": 0.0}, optim={"batch_size": 4})
+    model = tiny_model(hagan={"ema_kimg": 0.008, "ema_rampup": 0.0}, optim={"batch_size": 4})
     assert model.ema is not None and not any(p.requires_grad for p in model.ema.parameters())
     assert {"common", "high_gen"} <= set(model.ema)
     start = {name: params(averaged) for name, averaged in model.ema.items()}
@@ -118,10 +118,9 @@ def test_ema_weights_are_saved_beside_the_raw_ones_and_resume_exactly(tiny_ct_ca
 
     def config(iterations):
         return build_config(None, None, [
-            {"model": {"size": 32, **TINY, "consistent_slabs": True}}, {"optim": {"batch_size": 2}},
-            {"data": {"cache": str(tiny_ct_cache)}},
-            {"train": {"iterations": iterations, "checkpoint_every": 1, "sample_every": 1000, "deterministic": True,
-                       "ema_kimg": 0.01}}])
+            {"model": {"size": 32, **TINY}}, {"hagan": {"consistent_slabs": True, "ema_kimg": 0.01}},
+            {"optim": {"batch_size": 2}}, {"data": {"cache": str(tiny_ct_cache)}},
+            {"train": {"iterations": iterations, "checkpoint_every": 1, "sample_every": 1000, "deterministic": True}}])
 
     train(config(2), tmp_path / "straight", progress=False)
     train(config(1), tmp_path / "split", progress=False)
@@ -151,7 +150,7 @@ def test_asking_for_an_average_the_run_does_not_keep_is_an_error(tiny_ct_cache, 
 
 # ----- one loss per discriminator -------------------------------------------------------------------
 def test_separate_losses_weigh_each_discriminator():
-    model = tiny_model(loss={"disc_losses": "separate", "weight_low": 0.0})
+    model = tiny_model(hagan={"disc_losses": "separate", "weight_low": 0.0})
     low_disc, high_disc = params(model.low_disc), params(model.high_disc)
     logs = model.train_step(batch(), 0, torch.Generator().manual_seed(0))
     assert not moved(model.low_disc, low_disc), "D^L has weight 0: no gradient may reach it"
@@ -161,7 +160,7 @@ def test_separate_losses_weigh_each_discriminator():
 
 def test_separate_losses_sum_the_terms_the_average_mixes():
     averaged = tiny_model()
-    separate = tiny_model(loss={"disc_losses": "separate", "weight_high": 0.5, "weight_low": 2.0})
+    separate = tiny_model(hagan={"disc_losses": "separate", "weight_high": 0.5, "weight_low": 2.0})
     real = batch()["image"]
     r = averaged.normalised_start(0)
     slab, low = averaged.real_slab(real, 0), averaged.low_res(real)
@@ -178,7 +177,7 @@ def step_inputs(model, real, start=0):
 
 
 def test_r1_gamma_scales_with_the_voxels_each_discriminator_sees(monkeypatch):
-    model = tiny_model(64, loss={"disc_losses": "separate", "r1_per_voxel": 0.0002}, optim={"batch_size": 4})
+    model = tiny_model(64, hagan={"disc_losses": "separate", "r1_per_voxel": 0.0002}, optim={"batch_size": 4})
     slab_voxels, low_voxels = model.input_voxels
     assert (slab_voxels, low_voxels) == (8 * 64 * 64, 16**3)
     captured = {}
@@ -198,7 +197,7 @@ def test_r1_gamma_scales_with_the_voxels_each_discriminator_sees(monkeypatch):
 
 
 def test_lazy_r1_runs_every_n_steps_scaled_by_n(monkeypatch):
-    model = tiny_model(loss={"r1_gamma": 1.0, "r1_every": 4})
+    model = tiny_model(hagan={"r1_gamma": 1.0, "r1_every": 4})
     calls = []
     original = hagan_module.r1_penalty
     monkeypatch.setattr(hagan_module, "r1_penalty", lambda critic, reals: calls.append(1) or original(critic, reals))
@@ -207,12 +206,12 @@ def test_lazy_r1_runs_every_n_steps_scaled_by_n(monkeypatch):
     totals = [model.penalties(aug, aug, step, i, {}) for i in range(8)]
     assert len(calls) == 2
     assert [float(t.detach()) > 0 for t in totals] == [True, False, False, False, True, False, False, False]
-    eager = tiny_model(loss={"r1_gamma": 1.0})
+    eager = tiny_model(hagan={"r1_gamma": 1.0})
     torch.testing.assert_close(totals[0], 4 * eager.penalties(aug, aug, step, 0, {}))
 
 
 def test_r1_is_computed_in_float32_under_bf16_autocast():
-    model = tiny_model(loss={"r1_gamma": 1.0}, train={"precision": "bf16"})
+    model = tiny_model(hagan={"r1_gamma": 1.0}, train={"precision": "bf16"})
     step = step_inputs(model, batch()["image"])
     with model.autocast():
         total = model.penalties((step.real_slab, step.real_low), (step.real_slab, step.real_low), step, 0, {})
@@ -222,8 +221,8 @@ def test_r1_is_computed_in_float32_under_bf16_autocast():
 # ----- G trained through the encoders, codes kept on the prior ------------------------------------------
 def test_reconstruction_trains_the_generator_through_frozen_encoders():
     silent = {"disc_losses": "separate", "weight_high": 0.0, "weight_low": 0.0}
-    without = tiny_model(loss=silent)
-    with_recon = tiny_model(loss={**silent, "lambda_recon_generator": 1.0})
+    without = tiny_model(hagan=silent)
+    with_recon = tiny_model(hagan={**silent, "lambda_recon_generator": 1.0})
     logs = {}
     for model in (without, with_recon):
         before = {name: params(getattr(model, name)) for name in ("common", "high_gen", "slab_encoder", "global_encoder")}
@@ -235,8 +234,8 @@ def test_reconstruction_trains_the_generator_through_frozen_encoders():
 
 
 def test_reconstruction_loss_of_the_generator_falls_on_a_fixed_batch():
-    model = tiny_model(loss={"disc_losses": "separate", "weight_high": 0.0, "weight_low": 0.0,
-                             "lambda_recon_generator": 1.0})
+    model = tiny_model(hagan={"disc_losses": "separate", "weight_high": 0.0, "weight_low": 0.0,
+                              "lambda_recon_generator": 1.0})
     fixed = batch()
     rng = torch.Generator().manual_seed(0)
     losses = [model.train_step(dict(fixed), i, rng)["loss/G_recon"] for i in range(15)]
@@ -251,7 +250,7 @@ def test_moment_penalty_tells_prior_codes_from_collapsed_ones():
 
 
 def test_prior_term_pulls_encoded_codes_towards_the_prior():
-    model = tiny_model(loss={"lambda_latent_prior": 10.0, "lambda_recon_global": 0.0})
+    model = tiny_model(hagan={"lambda_latent_prior": 10.0, "lambda_recon_global": 0.0})
     real = batch(4)["image"]
     penalties = [model.encoder_steps(real, model.real_slab(real, 0), model.low_res(real), 0, None)["loss/E_G_prior"]
                  for _ in range(12)]
@@ -260,15 +259,15 @@ def test_prior_term_pulls_encoded_codes_towards_the_prior():
 
 # ----- configuration ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sections, message", [
-    ({"loss": {"disc_losses": "sum"}}, "hagan.disc_losses"),
-    ({"loss": {"r1_gamma": 1.0, "r1_per_voxel": 0.0002}}, "not both"),
-    ({"loss": {"r1_every": 0}}, "hagan.r1_every"),
-    ({"loss": {"weight_low": -1.0}}, "hagan.weight_low must not be negative"),
-    ({"loss": {"lambda_recon_generator": 1.0}, "model": {"encoder": False}}, "need hagan.encoder"),
-    ({"train": {"ema_kimg": -1.0}}, "hagan.ema_kimg"),
-    ({"model": {"upsample": "cubic"}}, "hagan.upsample must be"),
-    ({"model": {"upsample": "trilinear"}}, "needs hagan.consistent_slabs"),
-    ({"model": {"name": "wgan-gp"}, "train": {"ema_kimg": 1.0}}, "hagan.ema_kimg is an option of hagan; model .wgan-gp. does not use it"),
+    ({"hagan": {"disc_losses": "sum"}}, "hagan.disc_losses"),
+    ({"hagan": {"r1_gamma": 1.0, "r1_per_voxel": 0.0002}}, "not both"),
+    ({"hagan": {"r1_every": 0}}, "hagan.r1_every"),
+    ({"hagan": {"weight_low": -1.0}}, "hagan.weight_low must not be negative"),
+    ({"hagan": {"lambda_recon_generator": 1.0, "encoder": False}}, "need hagan.encoder"),
+    ({"hagan": {"ema_kimg": -1.0}}, "hagan.ema_kimg"),
+    ({"hagan": {"upsample": "cubic"}}, "hagan.upsample must be"),
+    ({"hagan": {"upsample": "trilinear"}}, "needs hagan.consistent_slabs"),
+    ({"model": {"name": "wgan-gp"}, "hagan": {"ema_kimg": 1.0}}, "hagan.ema_kimg is an option of hagan; model .wgan-gp. does not use it"),
 ])
 def test_bad_small_data_options_are_refused(sections, message):
     with pytest.raises(HaganError, match=message):
@@ -290,8 +289,7 @@ def test_paper_presets_keep_the_papers_training_and_small_data_turns_the_fixes_o
 
 
 def test_small_data_preset_trains_and_samples_from_its_average():
-    model = tiny_model(**{k: v for k, v in build_config("demo").to_dict().items() if k in ("hagan", "optim", "train")},
-                       model={"consistent_slabs": True, "upsample": "trilinear"})
+    model = tiny_model(**{k: v for k, v in build_config("demo").to_dict().items() if k in ("hagan", "optim", "train")})
     rng = torch.Generator().manual_seed(0)
     before = params(model.ema)
     for i in range(2):
