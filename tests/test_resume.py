@@ -23,7 +23,7 @@ from hagan.training.trainer import Trainer, train
 TINY = {"size": 32, "width": 0.125, "latent_dim": 16}
 # a run that exercises every random stream: volume augmentation, DiffAugment with ADA, random r
 STREAMS = {
-    "loss": {"diffaug": "translation,cutout,brightness,contrast", "ada_target": 0.6, "ada_kimg": 0.002},
+    "hagan": {"diffaug": "translation,cutout,brightness,contrast", "ada_target": 0.6, "ada_kimg": 0.002},
     "data": {"augment": True},
 }
 
