@@ -29,7 +29,8 @@ from hagan.training.trainer import Trainer, train
 TINY = {
     "model": {"size": 32, "width": 0.125, "latent_dim": 16},
     "optim": {"batch_size": 2},
-    "train": {"iterations": 1, "checkpoint_every": 1, "log_every": 1, "sample_every": 1000, "ema_kimg": 1.0},
+    "train": {"iterations": 1, "checkpoint_every": 1, "log_every": 1, "sample_every": 1000},
+    "hagan": {"ema_kimg": 1.0},
 }
 CHECKPOINT = Path("checkpoints") / "iter_00000001"
 STATE, WEIGHTS, TRAINING_STATE = (CHECKPOINT / name for name in
@@ -200,7 +201,7 @@ def test_an_expanded_bomb_is_echoed_in_bounded_time_and_length():
     ("model:\n  size: " + "[" * 20_000 + "]" * 20_000 + "\n", "not usable YAML (nested too deeply)"),
     ("model:\n  size: " + "7" * 5000 + "\n", "not usable YAML (Exceeds the limit (4300 digits)"),
     (b"model:\n  name: \xff\xfe\n", "not a YAML config (not UTF-8 text at byte 15)"),
-    ("loss:\n  kind: '" + "x" * 100_000 + "'\n", "hagan.loss must be one of bce, wgan-gp, got 'xxxx"),
+    ("hagan:\n  loss: '" + "x" * 100_000 + "'\n", "hagan.loss must be one of bce, wgan-gp, got 'xxxx"),
     ("model:\n  size: '" + "x" * 100_000 + "'\n", "model.size must be int, got 'xxxxxxxx"),
     ("model:\n  size: 32\n  name: [a\n", "not valid YAML (while parsing a flow sequence"),
     ("'" + "k" * 1000 + "': 1\n", "unknown section 'kkkkkkkk"),  # YAML's longest implicit key
