@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from hagan.config import parse_assignment
-from hagan.evaluation.bench import ALL_SIZES, run_bench, save_bench
+from hagan.config import MODEL_SIZES, parse_assignment
+from hagan.evaluation.bench import run_bench, save_bench
 from hagan.models import MODELS
 
 
@@ -37,7 +37,7 @@ def git_commit() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["hagan"], help=f"models to measure (available: {', '.join(MODELS)})")
-    p.add_argument("--sizes", nargs="+", type=int, default=[32, 64, 128], choices=ALL_SIZES)
+    p.add_argument("--sizes", nargs="+", type=int, default=[32, 64, 128], choices=MODEL_SIZES)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[2, 4])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--iterations", type=int, default=5, help="timed iterations (and generations) per configuration")

@@ -66,6 +66,8 @@ class TrainConfig:
     compile: bool = False
 
 
+# the cube edges every model is built for, and the only sizes a cache is made at
+MODEL_SIZES = (32, 64, 128, 256, 512)
 # train.precision: auto is bf16 autocast where the GPU supports it, else fp32 (hagan.training.accel)
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -281,7 +283,7 @@ def validate(config: Config, source: str = "config") -> None:
     if m.name not in MODELS:
         raise HaganError(f"{source}: model.name must be one of {', '.join(MODELS)}, got {short_repr(m.name)}")
     problems = range_problems(config)
-    if m.size not in (32, 64, 128, 256, 512):
+    if m.size not in MODEL_SIZES:
         problems.append(f"model.size must be a power of two from 32 to 512, got {m.size}")
     if t.eval_samples < 2:
         problems.append(f"train.eval_samples must be at least 2, got {t.eval_samples}")

@@ -86,14 +86,14 @@ def cmd_phantoms(args: argparse.Namespace) -> None:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
+    from ..config import MODEL_SIZES
     from ..data.preprocess import preprocess_folder
-    from ..models.layers import SUPPORTED_SIZES
 
     # a cache is for training, so refuse up front a size no model trains at (the Python API also
     # takes small sizes, for tests and feature extraction)
-    if args.size not in SUPPORTED_SIZES:
+    if args.size not in MODEL_SIZES:
         raise HaganError(f"--size {args.size}: no model trains at that size; "
-                         f"choose one of {', '.join(map(str, SUPPORTED_SIZES))}")
+                         f"choose one of {', '.join(map(str, MODEL_SIZES))}")
     report = preprocess_folder(
         args.src, args.dst, recipe=args.recipe, size=args.size, mode=args.mode, trim=not args.no_trim,
         labels_csv=args.labels, label_column=args.label_column, progress=True, segmentations=args.segmentations,

@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hagan.data.intensity import BACKGROUND
 from hagan.training.accel import host_to_device
-
-BACKGROUND = -1.0
 
 _TRANSLATION_RATIO = 1 / 8
 _CUTOUT_RATIO = 1 / 2

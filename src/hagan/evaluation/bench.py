@@ -50,14 +50,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from ..config import build_config
+from ..config import MODEL_SIZES, build_config
 from ..data.io import atomic_write, write_text_atomic
 from ..models import MODELS, build_model, model_class
 from ..training.accel import configure_cuda, resolve_device, resolve_precision
 
 RESULT_MARKER = "HAGAN_BENCH_RESULT "
 DEFAULT_SIZES = (32, 64, 128)
-ALL_SIZES = (32, 64, 128, 256, 512)
 MEMORY_HEADROOM = 0.9          # of MemAvailable, the default CPU memory limit
 TRAIN_ACTIVATION_FACTOR = 2.0  # saved activations plus their gradients during backward
 GEN_LAYER_FACTOR = 2.0         # a layer's input and output plus a reordered copy (oneDNN) or workspace
@@ -547,8 +546,8 @@ def run_bench(
         raise ValueError("iterations and generate_batch must be at least 1 and warmup not negative")
     sizes, batch_sizes, models = list(sizes), list(batch_sizes), list(models)
     for size in sizes:
-        if size not in ALL_SIZES:
-            raise ValueError(f"sizes must be among {', '.join(map(str, ALL_SIZES))}, got {size}")
+        if size not in MODEL_SIZES:
+            raise ValueError(f"sizes must be among {', '.join(map(str, MODEL_SIZES))}, got {size}")
     if any(b < 1 for b in batch_sizes):
         raise ValueError(f"batch sizes must be at least 1, got {batch_sizes}")
     device = str(resolve_device(device))

@@ -10,13 +10,12 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.utils.checkpoint import checkpoint
 
+from ..config import MODEL_SIZES
 from ..training.accel import full_precision
 
 # channel counts stay multiples of the GroupNorm groups
 GROUPS = 8
 LEAK = 0.2
-# the output sizes the networks are built for (and the only cube sizes a cache is made at)
-SUPPORTED_SIZES = tuple(2**k for k in range(5, 10))
 
 
 class Float32SpectralNorm(_SpectralNorm):
@@ -34,7 +33,7 @@ def spectral_norm(module: nn.Module) -> nn.Module:
 
 
 def check_size(size: int) -> None:
-    if size not in SUPPORTED_SIZES:
+    if size not in MODEL_SIZES:
         raise ValueError(f"output size must be a power of two from 32 to 512, got {size}")
 
 

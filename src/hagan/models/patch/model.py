@@ -34,6 +34,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ...checks import short_repr
 from ...config import Config
+from ...data.intensity import BACKGROUND
 from ...errors import HaganError
 from ..base import GenerativeModel
 from .networks import (
@@ -51,7 +52,6 @@ from .stitch import crop_padded, stitch
 FOREGROUND = -0.9
 # sketches of the training volumes are kept (as uint8) up to this many bytes; each costs seconds at 256^3
 SKETCH_CACHE_BYTES = 4 * 2**30
-BACKGROUND = -1.0
 
 
 @dataclass(frozen=True)
