@@ -120,27 +120,25 @@ LEGACY_HAGAN_KEYS = {
 }
 
 
-def modern_layout(values: Any, model_name: str) -> Any:
+def modern_layout(values: dict[str, Any], model_name: str) -> dict[str, Any]:
     """``values`` with the keys of the former layout in their sections of today: HA-GAN's options in
-    ``hagan``, and ``loss.gp_lambda`` in the section of ``model_name``, the model it configures."""
-    if not isinstance(values, dict) or not any(isinstance(values.get(s), dict) for s in ("model", "loss", "train")):
-        return values
+    ``hagan``, and ``loss.gp_lambda`` in the section of ``model_name``, the model it configures. What is
+    left of ``loss`` is reported as an unknown section."""
     moved = {name: dict(section) if isinstance(section, dict) else section for name, section in values.items()}
-    loss = moved.pop("loss", None)
-    if loss is not None and not isinstance(loss, dict):
-        moved["loss"] = loss  # reported as an unknown section
-        return moved
-    for section in ("model", "train"):
-        if isinstance(moved.get(section), dict):
-            for key in [k for k in moved[section] if f"{section}.{k}" in LEGACY_HAGAN_KEYS]:
-                moved.setdefault("hagan", {})[LEGACY_HAGAN_KEYS[f"{section}.{key}"]] = moved[section].pop(key)
-    for key, value in (loss or {}).items():
-        if key == "gp_lambda" and model_name in MODELS and "gp_lambda" in _option_names(model_name):
-            moved.setdefault(model_spec(model_name).section, {})["gp_lambda"] = value
-        elif f"loss.{key}" in LEGACY_HAGAN_KEYS:
-            moved.setdefault("hagan", {})[LEGACY_HAGAN_KEYS[f"loss.{key}"]] = value
-        else:
-            moved.setdefault("loss", {})[key] = value  # reported as an unknown section
+    for section in ("model", "loss", "train"):
+        if not isinstance(moved.get(section), dict):
+            continue
+        for key in list(moved[section]):
+            shared = (section, key) == ("loss", "gp_lambda") and model_name in MODELS
+            if shared and key in _option_names(model_name):
+                home = model_spec(model_name).section, key
+            elif f"{section}.{key}" in LEGACY_HAGAN_KEYS:
+                home = "hagan", LEGACY_HAGAN_KEYS[f"{section}.{key}"]
+            else:
+                continue
+            moved.setdefault(home[0], {})[home[1]] = moved[section].pop(key)
+    if moved.get("loss") == {}:
+        del moved["loss"]
     return moved
 
 
