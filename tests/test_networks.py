@@ -8,14 +8,13 @@ import torch
 from hagan.cli.commands import main
 from hagan.config import build_config
 from hagan.models import build_model
-from hagan.models.hagan.model import module_groups
 
 
 def counts(preset: str | None = None, **model) -> dict[str, int]:
     config = build_config(preset, None, [{"model": model}] if model else [])
     with torch.device("meta"):
         net = build_model(config)
-    return {k: sum(p.numel() for p in m.parameters()) for k, m in module_groups(net).items()}
+    return {k: sum(p.numel() for p in m.parameters()) for k, m in net.parts.items()}
 
 
 def test_paper_256_matches_table_vii_and_authors_modules():

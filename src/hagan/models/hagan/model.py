@@ -65,13 +65,6 @@ def reconstruction_l1(slab: Tensor, low: Tensor | None, real_slab: Tensor, real_
     return loss
 
 
-def module_groups(model: "HAGAN") -> dict[str, nn.Module]:
-    """The paper's seven modules by their names (the keys of ``hagan summary``)."""
-    names = {"G_A": "common", "G_L": "low_gen", "G_H": "high_gen", "D_H": "high_disc", "D_L": "low_disc",
-             "E_H": "slab_encoder", "E_G": "global_encoder"}
-    return {key: getattr(model, attr) for key, attr in names.items() if getattr(model, attr, None) is not None}
-
-
 class HAGAN(GenerativeModel):
     supports_tiling = True
 
@@ -204,7 +197,9 @@ class HAGAN(GenerativeModel):
     @property
     def parts(self) -> dict[str, nn.Module]:
         """The paper's seven modules (G^A, G^L, G^H, D^H, D^L, E^H, E^G), those this configuration has."""
-        return module_groups(self)
+        modules = {"G_A": self.common, "G_L": self.low_gen, "G_H": self.high_gen, "D_H": self.high_disc,
+                   "D_L": self.low_disc, "E_H": self.slab_encoder, "E_G": self.global_encoder}
+        return {name: module for name, module in modules.items() if module is not None}
 
     def memory_probes(self, batch_size: int) -> dict[str, Callable[[], object]]:
         """The forward passes of the two largest update steps on a zero batch: G's (a slab and the low
@@ -232,7 +227,7 @@ class HAGAN(GenerativeModel):
     @property
     def trained_modules(self) -> list[nn.Module]:
         """Every module an optimizer updates (the averaged generator is not one of them)."""
-        return list(module_groups(self).values())
+        return list(self.parts.values())
 
     def train_only(self, *modules: nn.Module | None) -> None:
         """Let gradients reach ``modules`` alone, so a step's backward pass builds nothing for the rest."""
